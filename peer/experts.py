@@ -1,0 +1,328 @@
+"""Expert modules and the backend that serves and trains one expert.
+
+An *expert* is an ordinary :class:`torch.nn.Module` built by a registered factory
+``factory(hidden_dim: int, **kwargs) -> nn.Module``. Experts are looked up by name
+(``"ffn"``, ``"transformer"`` or anything added with :func:`register_expert`).
+
+Input contract (the one design used everywhere in swarmtrain): every expert module
+has a method ``sample_input(batch_size: int, seq_len: int | None = None) -> Tensor``
+that returns a float32 tensor of exactly the shape the expert accepts. The batch
+dimension is dim 0; experts that work on sequences take the sequence length in
+dim 1 (``seq_len=None`` means a default length, an unsupported length raises
+``ValueError``); token-wise experts ignore ``seq_len``. A request ``x`` is valid iff
+``x.shape[1:] == module.sample_input(1, seq_len=x.shape[1]).shape[1:]`` and it is
+finite float32 -- see :meth:`ExpertBackend.validate_input`.
+
+:class:`ExpertBackend` wraps one expert for a server: ``forward`` runs it without
+autograd, ``backward`` recomputes the forward with autograd, returns the gradient
+w.r.t. the input and immediately applies an optimizer step to the expert's own
+parameters. This is the asynchronous expert training of Learning@home
+(Ryabinin & Gorbatov, 2020): each expert is updated whenever any trainer sends it a
+gradient, with no synchronisation between experts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ExpertFactory = Callable[..., nn.Module]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+_REGISTRY: dict[str, ExpertFactory] = {}
+
+
+class UnknownExpertError(ValueError):
+    """Raised when an expert name is not in the registry."""
+
+
+class InvalidInputError(ValueError):
+    """Raised when a tensor sent to an expert has the wrong shape, dtype, size or non-finite values."""
+
+
+class NonFiniteGradientError(ValueError):
+    """Raised when a backward pass produced NaN/Inf gradients; the optimizer step is skipped."""
+
+
+def register_expert(name: str) -> Callable[[ExpertFactory], ExpertFactory]:
+    """Decorator that registers ``factory(hidden_dim, **kwargs) -> nn.Module`` under ``name``.
+
+    The module it builds must provide ``sample_input(batch_size, seq_len=None)`` (see the
+    module docstring). Registering the same name twice raises ``ValueError``.
+    """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"expert name must be a non-empty string without '.', got {name!r}")
+
+    def decorator(factory: ExpertFactory) -> ExpertFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"an expert named {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def expert_names() -> list[str]:
+    """Return the sorted names of all registered expert types."""
+    return sorted(_REGISTRY)
+
+
+def create_expert(name: str, hidden_dim: int, **kwargs: Any) -> nn.Module:
+    """Build a new expert of type ``name`` with model width ``hidden_dim`` (extra kwargs go to its factory)."""
+    if name not in _REGISTRY:
+        raise UnknownExpertError(f"unknown expert type {name!r}; registered: {expert_names()}")
+    if not isinstance(hidden_dim, int) or hidden_dim <= 0:
+        raise ValueError(f"hidden_dim must be a positive int, got {hidden_dim!r}")
+    module = _REGISTRY[name](hidden_dim, **kwargs)
+    if not callable(getattr(module, "sample_input", None)):
+        raise TypeError(f"expert factory {name!r} returned a module without sample_input(batch_size, seq_len=None)")
+    return module
+
+
+class FeedForwardExpert(nn.Module):
+    """Token-wise expert ``Linear(h, m*h) -> GELU -> Linear(m*h, h)``; input and output ``[batch, h]``."""
+
+    def __init__(self, hidden_dim: int, multiplier: int = 4):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.net = nn.Sequential(
+            nn.Linear(hidden_dim, multiplier * hidden_dim), nn.GELU(), nn.Linear(multiplier * hidden_dim, hidden_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``[batch, hidden_dim]`` to ``[batch, hidden_dim]``."""
+        return self.net(x)
+
+    def sample_input(self, batch_size: int, seq_len: int | None = None) -> torch.Tensor:
+        """Return a random float32 input ``[batch_size, hidden_dim]`` (``seq_len`` is ignored: token-wise expert)."""
+        return torch.randn(batch_size, self.hidden_dim)
+
+
+class TransformerExpert(nn.Module):
+    """One pre-norm transformer block on ``[batch, seq, h]`` -> ``[batch, seq, h]``.
+
+    ``x = x + Attention(LayerNorm(x)); x = x + FFN(LayerNorm(x))`` with ``num_heads`` heads
+    (causal by default, so it can be used inside a language model) and an FFN of width
+    ``4h``. It has no positional embedding of its own: positions must already be in ``x``.
+    Sequences may have any length from 1 to ``max_seq_len``; ``sample_input`` uses ``default_seq_len``
+    (None = ``min(16, max_seq_len)``) when no length is given.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int = 4, causal: bool = True, max_seq_len: int = 512,
+                 default_seq_len: int | None = None):
+        super().__init__()
+        default_seq_len = min(16, max_seq_len) if default_seq_len is None else default_seq_len
+        if hidden_dim % num_heads != 0:
+            raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}")
+        if not 1 <= default_seq_len <= max_seq_len:
+            raise ValueError(f"need 1 <= default_seq_len <= max_seq_len, got {default_seq_len}, {max_seq_len}")
+        self.hidden_dim, self.num_heads, self.causal = hidden_dim, num_heads, causal
+        self.max_seq_len, self.default_seq_len = max_seq_len, default_seq_len
+        self.ln_attn = nn.LayerNorm(hidden_dim)
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.proj = nn.Linear(hidden_dim, hidden_dim)
+        self.ln_ffn = nn.LayerNorm(hidden_dim)
+        self.ffn = FeedForwardExpert(hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``[batch, seq, hidden_dim]`` to ``[batch, seq, hidden_dim]``."""
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(self.ln_attn(x)).split(width, dim=2)
+        heads = lambda t: t.view(batch, seq, self.num_heads, width // self.num_heads).transpose(1, 2)  # noqa: E731
+        attended = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=self.causal)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, seq, width))
+        return x + self.ffn(self.ln_ffn(x))
+
+    def sample_input(self, batch_size: int, seq_len: int | None = None) -> torch.Tensor:
+        """Return a random float32 input ``[batch_size, seq_len, hidden_dim]``; ValueError if seq_len is unsupported."""
+        seq_len = self.default_seq_len if seq_len is None else seq_len
+        if not 1 <= seq_len <= self.max_seq_len:
+            raise ValueError(f"sequence length must be in [1, {self.max_seq_len}], got {seq_len}")
+        return torch.randn(batch_size, seq_len, self.hidden_dim)
+
+
+@register_expert("ffn")
+def _make_ffn(hidden_dim: int, **kwargs: Any) -> nn.Module:
+    return FeedForwardExpert(hidden_dim, **kwargs)
+
+
+@register_expert("transformer")
+def _make_transformer(hidden_dim: int, **kwargs: Any) -> nn.Module:
+    return TransformerExpert(hidden_dim, **kwargs)
+
+
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
+    """Return ``requested`` as a device (checking it exists), or else the best available: cuda, mps, cpu."""
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} requested but CUDA is not available")
+        if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device {requested!r} requested but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Recursively copy every tensor in a (nested) dict/list/tuple to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)  # a snapshot, never an alias of live state
+    if isinstance(obj, dict):
+        return {key: _to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(value) for value in obj)
+    return obj
+
+
+def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class ExpertBackend:
+    """Serve and train one expert: validated forward, backward with an immediate optimizer step, checkpoints.
+
+    Args:
+        name: identifier of this expert, usually its grid UID such as ``"ffn.3.17"``.
+        module: the expert (must have ``sample_input``, see the module docstring).
+        optimizer_factory: builds the expert's own optimizer from its parameters.
+        max_grad_norm: if set, gradients are clipped to this global L2 norm before each step.
+        max_batch_size: largest batch accepted by :meth:`validate_input`.
+        device: where the expert runs (``"cpu"``, ``"cuda"``, ``"mps"``; None = :func:`pick_device`).
+            Inputs are moved there and results are returned on the CPU.
+
+    All public methods are thread-safe (one lock serialises forward, backward and checkpointing),
+    so a server may call them from worker threads. Because ``backward`` recomputes the forward
+    pass, the expert should be deterministic (no dropout) for its gradients to be exact.
+    """
+
+    def __init__(self, name: str, module: nn.Module, optimizer_factory: OptimizerFactory = _default_optimizer,
+                 max_grad_norm: float | None = None, max_batch_size: int = 4096,
+                 device: str | torch.device | None = None):
+        if not callable(getattr(module, "sample_input", None)):
+            raise TypeError("expert module must provide sample_input(batch_size, seq_len=None)")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.name = name
+        self.device = pick_device(device)
+        self.module = module.to(self.device)
+        self.optimizer = optimizer_factory(list(self.module.parameters()))
+        self.max_grad_norm = max_grad_norm
+        self.max_batch_size = max_batch_size
+        self.update_count = 0
+        self._lock = threading.Lock()
+
+    def input_shape(self, seq_len: int | None = None) -> tuple[int, ...]:
+        """Shape of one accepted input without the batch dimension (for sequence experts, at ``seq_len``)."""
+        return tuple(self.module.sample_input(1, seq_len=seq_len).shape[1:])
+
+    def info(self) -> dict[str, Any]:
+        """Plain-data description for clients: name, example input shape, dtype, limits and update count."""
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape()),
+            "dtype": "float32",
+            "max_batch_size": self.max_batch_size,
+            "update_count": self.update_count,
+        }
+
+    def validate_input(self, x: Any) -> None:
+        """Raise :class:`InvalidInputError` unless ``x`` is a finite float32 tensor this expert accepts.
+
+        Checks, in order: it is a tensor, dtype float32, at least 2 dims, 1 <= batch <= max_batch_size,
+        shape (without batch) matches ``module.sample_input(1, seq_len=x.shape[1])``, no NaN/Inf.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise InvalidInputError(f"expert {self.name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise InvalidInputError(f"expert {self.name}: expected dtype float32, got {x.dtype}")
+        if x.dim() < 2:
+            raise InvalidInputError(f"expert {self.name}: expected [batch, ...] with >= 2 dims, got {tuple(x.shape)}")
+        if not 1 <= x.shape[0] <= self.max_batch_size:
+            raise InvalidInputError(
+                f"expert {self.name}: batch size {x.shape[0]} outside [1, {self.max_batch_size}]")
+        try:
+            expected = self.input_shape(seq_len=x.shape[1])
+        except ValueError as error:
+            raise InvalidInputError(f"expert {self.name}: {error}") from error
+        if tuple(x.shape[1:]) != expected:
+            raise InvalidInputError(
+                f"expert {self.name}: expected shape [batch, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise InvalidInputError(f"expert {self.name}: input contains NaN or Inf")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate ``x`` and return the expert's output (on the CPU), without recording autograd history."""
+        self.validate_input(x)
+        with self._lock, torch.no_grad():
+            return self.module(x.to(self.device)).cpu()
+
+    def backward(self, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+        """Return dLoss/dx given ``x`` and dLoss/dy, and take one optimizer step on the expert.
+
+        Steps: (1) validate x and grad_y; (2) recompute ``y = module(x)`` with autograd;
+        (3) backpropagate ``grad_y`` to the input and the parameters; (4) clip the parameter
+        gradients to ``max_grad_norm`` if set; (5) ``optimizer.step()``, zero the gradients and
+        increment ``update_count``. If any gradient is NaN/Inf, no step is taken and
+        :class:`NonFiniteGradientError` is raised.
+        """
+        self.validate_input(x)
+        if not isinstance(grad_y, torch.Tensor) or grad_y.dtype != torch.float32:
+            raise InvalidInputError(f"expert {self.name}: grad_y must be a float32 tensor")
+        if not torch.isfinite(grad_y).all():
+            raise InvalidInputError(f"expert {self.name}: grad_y contains NaN or Inf")
+        with self._lock, torch.enable_grad():
+            x_dev = x.detach().to(self.device).requires_grad_(True)
+            y = self.module(x_dev)
+            if y.shape != grad_y.shape:
+                raise InvalidInputError(
+                    f"expert {self.name}: grad_y has shape {list(grad_y.shape)}, output has {list(y.shape)}")
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(y, grad_y.to(self.device))
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+            if not grads_finite or not torch.isfinite(x_dev.grad).all():
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteGradientError(f"expert {self.name}: backward produced NaN/Inf, step skipped")
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.update_count += 1
+            logger.debug("expert %s: update %d (batch %d)", self.name, self.update_count, x.shape[0])
+            return x_dev.grad.detach().cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint on the CPU: ``{"module": ..., "optimizer": ..., "update_count": int}``."""
+        with self._lock:
+            return {
+                "module": _to_cpu(self.module.state_dict()),
+                "optimizer": _to_cpu(self.optimizer.state_dict()),
+                "update_count": self.update_count,
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint made by :meth:`state_dict` (module weights, optimizer state, update count)."""
+        missing = {"module", "optimizer", "update_count"} - set(state)
+        if missing:
+            raise ValueError(f"expert {self.name}: checkpoint lacks {sorted(missing)}")
+        update_count = state["update_count"]
+        if not isinstance(update_count, int) or isinstance(update_count, bool) or update_count < 0:
+            raise ValueError(f"expert {self.name}: bad update_count {update_count!r}")
+        with self._lock:
+            self.module.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.update_count = update_count
+
