@@ -1,0 +1,302 @@
+"""``DHT``: the user-facing Kademlia node — store/get with expirations and sub-keys, from sync or trio code.
+
+Records live on the ``num_replicas`` nodes nearest to sha1(key). Per key (and per sub-key) the value
+with the latest expiration wins on every node, and a get merges what it finds the same way, so the
+answer does not depend on which node is asked. Expired values are never returned. A node republishes
+the records it wrote (to the then-nearest nodes, same expiration) so they outlive the nodes that held
+them, refreshes idle buckets, and purges expired records.
+
+Example::
+
+    dht = DHT(initial_peers=["/ip4/1.2.3.4/tcp/31337/p2p/12D3KooW..."])
+    dht.store("experts", {"host": "a"}, get_dht_time() + 60, subkey=dht.peer_id)
+    dht.get("experts", latest=True)   # ValueWithExpiration({peer_id: ValueWithExpiration(...)}, exp)
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from p2p import Node, P2PError
+from p2p.node import DEFAULT_HOST_MADDRS
+
+from .config import DHTConfig
+from .crawl import crawl_peers
+from .protocol import DHTProtocol
+from .records import DHTID, Record, ValueWithExpiration, deserialize, get_dht_time, serialize
+from .routing import PeerInfo, RoutingTable
+from .storage import RecordStore
+from .traverse import lookup
+from .validation import CompositeValidator, OwnerSignatureValidator, RecordValidator, SchemaValidator, \
+    ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+class DHTBootstrapError(P2PError):
+    """None of the initial peers could be reached."""
+
+
+class DHT:
+    """A Kademlia DHT node with hivemind-style records (expiration, sub-keys, owner signatures).
+
+    :param initial_peers: full multiaddrs (``/ip4/.../tcp/.../p2p/<id>``) of peers already in the swarm;
+        empty to start a new swarm.
+    :param node: an existing :class:`p2p.Node` to run on (otherwise one is created from the next options
+        and stopped by :meth:`shutdown`).
+    :param client_mode: only ask; never answer or enter other nodes' routing tables (peers behind NAT).
+    :param validators: extra record validators (e.g. a :class:`SchemaValidator`); owner signatures are
+        always checked. Every node of a swarm should use the same validators.
+    :param config: :class:`DHTConfig` (bucket size, replicas, timeouts, intervals).
+    """
+
+    def __init__(self, initial_peers: Sequence[str] = (), *, node: Node | None = None, swarm: str = "default",
+                 host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS, announce_maddrs: Sequence[str] = (),
+                 identity_path: str | None = None, client_mode: bool = False,
+                 validators: Sequence[RecordValidator] = (), config: DHTConfig | None = None, start: bool = True):
+        self.config = config or DHTConfig()
+        self.initial_peers = list(initial_peers)
+        self._owns_node = node is None
+        self.node = node or Node(swarm=swarm, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                                 identity_path=identity_path, client_mode=client_mode, start=False)
+        self.client_mode = self.node.client_mode
+        self.node_id = DHTID.from_peer_id(self.node.peer_id)
+        self.routing = RoutingTable(self.node_id, k=self.config.k)
+        self.storage = RecordStore(max_records=self.config.max_records, max_bytes=self.config.max_bytes)
+        self.validator = CompositeValidator([OwnerSignatureValidator(), SchemaValidator(), *validators])
+        self._owned: dict[tuple[DHTID, bytes | None], Record] = {}
+        self.protocol: DHTProtocol | None = None
+        self._running = False
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "DHT":
+        """Start the node, join through the initial peers and begin maintenance. Idempotent."""
+        if self._running:
+            return self
+        self.node.start()
+        self.protocol = DHTProtocol(self.node, self.routing, self.storage, self.validator, self.config,
+                                    self.client_mode)
+        try:
+            self.node.run(self.bootstrap)
+        except BaseException:
+            if self._owns_node:
+                self.node.stop()
+            raise
+        self.node.spawn(self._maintain)
+        self._running = True
+        return self
+
+    async def bootstrap(self, initial_peers: Sequence[str] | None = None) -> int:
+        """Ping the initial peers, then look up our own id to fill the routing table; returns peers known."""
+        maddrs = self.initial_peers if initial_peers is None else list(initial_peers)
+        reached: list[str] = []
+
+        async def join(maddr: str) -> None:
+            try:
+                peer_id = await self.node.connect(maddr, timeout=self.config.rpc_timeout * 2)
+                peer = PeerInfo(DHTID.from_peer_id(peer_id), peer_id, (maddr,))
+                if await self.protocol.ping(peer) is not None:
+                    self.protocol.observe(peer)
+                    reached.append(maddr)
+            except (P2PError, ValueError) as e:
+                logger.warning("Initial peer %s is unreachable: %s", maddr, e)
+
+        async with trio.open_nursery() as nursery:
+            for maddr in maddrs:
+                nursery.start_soon(join, maddr)
+        if maddrs and not reached:
+            raise DHTBootstrapError(f"none of the {len(maddrs)} initial peers answered: {', '.join(maddrs)}")
+        if reached:
+            await lookup(self.protocol, self.node_id, want_values=False)
+        logger.info("DHT %s joined: %d initial peers answered, %d peers known", self.peer_id[-8:], len(reached),
+                    len(self.routing))
+        return len(self.routing)
+
+    def shutdown(self) -> None:
+        """Stop maintenance and, if this DHT created its node, stop the node."""
+        self._running = False
+        if self._owns_node:
+            self.node.stop()
+
+    def __enter__(self) -> "DHT":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.node.addrs
+
+    # ------------------------------------------------------------------ trio API
+    def make_record(self, key: Any, value: Any, expiration_time: float, subkey: Any = None) -> Record:
+        """Serialize, sign (when we own the key/sub-key) and validate a record; raises ValidationError."""
+        record = Record.create(key, value, expiration_time, subkey)
+        record = self.validator.sign(record, self.node.key_pair.private_key)
+        self.validator.validate(record)
+        return record
+
+    async def astore_many(self, records: Sequence[Record], *, republish: bool = True) -> list[bool]:
+        """Store records on the nodes nearest to their keys; True where at least one node accepted it."""
+        now = get_dht_time()
+        accepted = [False] * len(records)
+        by_key: dict[DHTID, list[int]] = {}
+        for i, record in enumerate(records):
+            if record.expiration_time > now:
+                by_key.setdefault(record.key_id, []).append(i)
+                if republish:
+                    self._owned[(record.key_id, record.subkey)] = record
+        batches: dict[str, tuple[PeerInfo, list[int]]] = {}
+
+        async def locate(key_id: DHTID, indices: list[int]) -> None:
+            found = await lookup(self.protocol, key_id, want_values=False)
+            targets = found.nearest[: self.config.num_replicas]
+            if self._is_replica(key_id, targets):
+                for i in indices:
+                    accepted[i] |= self.protocol.accept(records[i])[0]
+            for peer in targets:
+                batches.setdefault(peer.peer_id, (peer, []))[1].extend(indices)
+
+        async def send(peer: PeerInfo, indices: list[int]) -> None:
+            for start in range(0, len(indices), self.config.max_batch):
+                part = indices[start:start + self.config.max_batch]
+                reply = await self.protocol.store(peer, [records[i] for i in part])
+                for i, item in zip(part, reply or []):
+                    ok = isinstance(item, list) and len(item) == 2 and item[0] is True
+                    accepted[i] |= ok
+                    if isinstance(item, list) and len(item) == 2 and item[1]:
+                        logger.warning("Peer %s refused a record: %s", peer.peer_id[-8:], item[1])
+
+        async with trio.open_nursery() as nursery:
+            for key_id, indices in by_key.items():
+                nursery.start_soon(locate, key_id, indices)
+        async with trio.open_nursery() as nursery:
+            for peer, indices in batches.values():
+                nursery.start_soon(send, peer, indices)
+        return accepted
+
+    def _is_replica(self, key_id: DHTID, nearest: list[PeerInfo]) -> bool:
+        """We store a record ourselves when we are among the num_replicas nearest nodes we know of."""
+        if self.client_mode:
+            return False
+        if len(nearest) < self.config.num_replicas:
+            return True
+        return (self.node_id ^ key_id) < (nearest[-1].node_id ^ key_id)
+
+    async def aget_many(self, keys: Sequence[Any], latest: bool = False) -> dict[Any, ValueWithExpiration | None]:
+        """Look up several keys at once; see :meth:`get`."""
+        out: dict[Any, ValueWithExpiration | None] = {}
+
+        async def one(key: Any) -> None:
+            out[key] = await self._aget(key, latest)
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(one, key)
+        return out
+
+    async def aget(self, key: Any, latest: bool = False) -> ValueWithExpiration | None:
+        return await self._aget(key, latest)
+
+    async def _aget(self, key: Any, latest: bool) -> ValueWithExpiration | None:
+        key_id = DHTID.from_key_bytes(serialize(key))
+        merged = RecordStore()
+        local = self.storage.get(key_id)
+        for record in (local.values() if isinstance(local, dict) else [local] if local else []):
+            merged.store(record)
+        if local is None or latest:
+            found = await lookup(self.protocol, key_id, want_values=True, stop_on_value=not latest)
+            for record in found.records:
+                merged.store(record)
+            if self.config.cache_on_get and found.records:
+                self._cache(found, merged.get(key_id))
+        return _to_user_value(merged.get(key_id))
+
+    def _cache(self, found, value: Record | dict | None) -> None:
+        """Kademlia caching: store the value at the nearest queried node that did not return it."""
+        records = list(value.values()) if isinstance(value, dict) else [value] if value else []
+        for peer in found.nearest:
+            if peer.peer_id not in found.holders:
+                self.node.spawn(self.protocol.store, peer, records)
+                return
+
+    # ------------------------------------------------------------------ sync API
+    def store(self, key: Any, value: Any, expiration_time: float, subkey: Any = None) -> bool:
+        """Store ``value`` under ``key`` (and ``subkey``) until ``expiration_time`` (unix time).
+
+        Returns True if at least one node accepted it (False: every node already had a newer value).
+        Raises :class:`~dht.validation.ValidationError` before sending anything if the record is invalid.
+        """
+        record = self.make_record(key, value, expiration_time, subkey)
+        return self.node.run(self.astore_many, [record])[0]
+
+    def store_many(self, items: Sequence[tuple]) -> list[bool]:
+        """Batch :meth:`store`: ``items`` are ``(key, value, expiration_time[, subkey])`` tuples."""
+        records = [self.make_record(*item) for item in items]
+        return self.node.run(self.astore_many, records)
+
+    def get(self, key: Any, latest: bool = False) -> ValueWithExpiration | None:
+        """The value under ``key`` with its expiration, or None.
+
+        Sub-keyed values come back as ``ValueWithExpiration({subkey: ValueWithExpiration}, max expiration)``.
+        ``latest=False`` returns as soon as some node has a value; ``latest=True`` asks all the nearest
+        nodes and merges their answers (use it when the value changes often).
+        """
+        return self.node.run(self.aget, key, latest)
+
+    def get_many(self, keys: Sequence[Any], latest: bool = False) -> dict[Any, ValueWithExpiration | None]:
+        """Batch :meth:`get`."""
+        return self.node.run(self.aget_many, keys, latest)
+
+    def crawl(self, max_peers: int = 1000, timeout: float = 10.0) -> list[dict]:
+        """Every reachable peer: ``{"peer_id", "addrs", "version"}``, walking routing tables from ours."""
+        return self.node.run(crawl_peers, self.protocol, max_peers, timeout)
+
+    # ------------------------------------------------------------------ maintenance
+    async def _maintain(self) -> None:
+        """Periodically purge expired records, refresh idle buckets and republish our own records."""
+        period = min(self.config.refresh_interval, self.config.republish_interval) / 2
+        last_republish = trio.current_time()
+        while True:
+            await trio.sleep(period)
+            try:
+                self.storage.purge_expired()
+                for random_id in self.routing.stale_bucket_ids(self.config.refresh_interval):
+                    await lookup(self.protocol, random_id, want_values=False)
+                if trio.current_time() - last_republish >= self.config.republish_interval:
+                    last_republish = trio.current_time()
+                    await self.republish()
+            except Exception:  # maintenance must never die; it retries next period
+                logger.exception("DHT maintenance step failed")
+
+    async def republish(self) -> int:
+        """Re-store the live records we wrote to the currently nearest nodes; returns how many."""
+        now = get_dht_time()
+        for key in [k for k, r in self._owned.items() if r.expiration_time <= now]:
+            del self._owned[key]
+        records = list(self._owned.values())
+        if records:
+            await self.astore_many(records, republish=False)
+            logger.debug("Republished %d records", len(records))
+        return len(records)
+
+
+def _to_user_value(value: Record | dict | None) -> ValueWithExpiration | None:
+    if value is None:
+        return None
+    if isinstance(value, Record):
+        return ValueWithExpiration(deserialize(value.value), value.expiration_time)
+    items = {deserialize(sub): ValueWithExpiration(deserialize(r.value), r.expiration_time) for sub, r in value.items()}
+    return ValueWithExpiration(items, max(v.expiration_time for v in items.values()))
+
+
+__all__ = ["DHT", "DHTBootstrapError", "DHTConfig", "ValidationError", "SchemaValidator"]
