@@ -161,7 +161,6 @@ def deserialize(raw: bytes) -> Any:
             raw=False,
             strict_map_key=False,
             ext_hook=_reject_ext,
-            max_buffer_size=max(size, 1),
             max_str_len=size,
             max_bin_len=size,
             max_array_len=size,

@@ -96,6 +96,7 @@ class KBucket:
 
     @property
     def is_full(self) -> bool:
+        """True iff the bucket holds ``k`` active peers."""
         return len(self.peers) >= self.k
 
     def __len__(self) -> int:

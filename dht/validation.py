@@ -104,10 +104,12 @@ class CompositeValidator(RecordValidator):
                 raise TypeError(f"CompositeValidator takes RecordValidator instances, got {type(validator).__name__}")
 
     def validate(self, record: Record) -> None:
+        """Raise the first :class:`ValidationError` of any validator."""
         for validator in self.validators:
             validator.validate(record)
 
     def sign(self, record: Record, private_key: PrivateKey) -> Record:
+        """Apply every validator's ``sign`` in order."""
         for validator in self.validators:
             record = validator.sign(record, private_key)
         return record
@@ -165,6 +167,7 @@ class OwnerSignatureValidator(RecordValidator):
         return owner, public_key
 
     def validate(self, record: Record) -> None:
+        """Reject a protected record unless its signature verifies against its owner's key."""
         protection = self.owner_of(record)
         if protection is None:
             return
@@ -281,6 +284,7 @@ class SchemaValidator(RecordValidator):
         return None
 
     def validate(self, record: Record) -> None:
+        """Check the global size limit, then the most specific matching rule (size, plain/subkey, types)."""
         size = len(record.value)
         if size > self.max_value_bytes:
             raise ValidationError(
