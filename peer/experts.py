@@ -229,7 +229,8 @@ class ExpertBackend:
         return tuple(self.module.sample_input(1, seq_len=seq_len).shape[1:])
 
     def info(self) -> dict[str, Any]:
-        """Plain-data description for clients: name, example input shape, dtype, limits and update count."""
+        """Plain-data description for clients: name, input shape (at the default sequence length for
+        sequence experts), dtype, max batch size and update count."""
         return {
             "name": self.name,
             "input_shape": list(self.input_shape()),
@@ -292,8 +293,9 @@ class ExpertBackend:
             self.optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(y, grad_y.to(self.device))
             params = [p for p in self.module.parameters() if p.grad is not None]
+            grad_x = x_dev.grad if x_dev.grad is not None else torch.zeros_like(x_dev)  # output ignores x
             grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
-            if not grads_finite or not torch.isfinite(x_dev.grad).all():
+            if not grads_finite or not torch.isfinite(grad_x).all():
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteGradientError(f"expert {self.name}: backward produced NaN/Inf, step skipped")
             if self.max_grad_norm is not None:
@@ -302,7 +304,7 @@ class ExpertBackend:
             self.optimizer.zero_grad(set_to_none=True)
             self.update_count += 1
             logger.debug("expert %s: update %d (batch %d)", self.name, self.update_count, x.shape[0])
-            return x_dev.grad.detach().cpu()
+            return grad_x.detach().cpu()
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint on the CPU: ``{"module": ..., "optimizer": ..., "update_count": int}``."""

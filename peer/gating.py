@@ -27,6 +27,7 @@ trailing dot. See :func:`uid_prefix`.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable, Iterable, Sequence
 
@@ -136,13 +137,17 @@ def beam_search_coords(scores: Sequence[torch.Tensor], k: int, is_alive: IsAlive
     3. keep each sample's best ``beam_size`` candidates (at the last depth: the best ``k``).
 
     With everything alive and ``beam_size >= k`` this is exactly the top-k of the summed scores;
-    when prefixes are dead it is approximate unless ``beam_size >= grid_size[0] * ... ``.
+    when prefixes are dead it is approximate (a kept prefix may hold only weak experts) unless
+    ``beam_size >= prod(grid_size[:-1])``, which makes the search exhaustive.
     """
     _check_prefix(prefix)
     batch = _check_scores(scores)
     beam_size = k if beam_size is None else beam_size
     if k < 1 or beam_size < 1:
         raise ValueError(f"k and beam_size must be >= 1, got k={k}, beam_size={beam_size}")
+    grid_size = [s.shape[1] for s in scores]
+    if batch == 0:
+        return torch.zeros(0, k, len(scores), dtype=torch.long), torch.zeros(0, k, dtype=torch.bool)
     beam_coords = torch.zeros(batch, 1, 0, dtype=torch.long)
     beam_scores = torch.zeros(batch, 1)
     for depth, dim_scores in enumerate(scores):
@@ -156,7 +161,10 @@ def beam_search_coords(scores: Sequence[torch.Tensor], k: int, is_alive: IsAlive
         # Step 2: one is_alive query with the distinct prefixes of the whole batch.
         alive = torch.zeros_like(valid)
         if valid.any():
-            unique_rows, inverse = torch.unique(cand_coords[valid], dim=0, return_inverse=True)
+            rows = cand_coords[valid]  # [M, depth + 1]; encode each row as one mixed-radix integer
+            strides = torch.tensor([math.prod(grid_size[i + 1:depth + 1]) for i in range(depth + 1)])
+            unique_ids, inverse = torch.unique((rows * strides).sum(dim=1), return_inverse=True)
+            unique_rows = (unique_ids[:, None] // strides) % torch.tensor(grid_size[:depth + 1])
             last = depth == len(scores) - 1
             names = [make_uid(prefix, row) if last else uid_prefix(prefix, row) for row in unique_rows.tolist()]
             alive_names = set(is_alive(names))
@@ -277,6 +285,9 @@ def load_balancing_loss(scores: Sequence[torch.Tensor] | torch.Tensor,
     for dim_scores, dim_mask in zip(scores, chosen_mask):
         if dim_scores.shape != dim_mask.shape or dim_scores.dim() != 2:
             raise ValueError(f"scores {list(dim_scores.shape)} and mask {list(dim_mask.shape)} must both be [batch, n]")
+        if dim_scores.shape[0] == 0:  # empty batch: nothing routed, no imbalance (and no NaN from an empty mean)
+            losses.append(dim_scores.sum())
+            continue
         counts = dim_mask.detach().to(dim_scores.dtype)
         fraction_routed = counts.sum(dim=0) / counts.sum().clamp_min(1.0)
         mean_prob = F.softmax(dim_scores, dim=1).mean(dim=0)

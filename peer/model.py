@@ -57,6 +57,8 @@ class ModelConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0 or self.aux_loss_weight < 0:
             raise ValueError("need 0 <= dropout < 1 and aux_loss_weight >= 0")
+        if self.beam_size is not None and (not isinstance(self.beam_size, int) or self.beam_size < 1):
+            raise ValueError(f"ModelConfig.beam_size must be None or a positive int, got {self.beam_size!r}")
         if not self.grid_size or any(g < 1 for g in self.grid_size) or self.k > math.prod(self.grid_size):
             raise ValueError(f"grid_size {self.grid_size} must be positive and hold at least k={self.k} experts")
 

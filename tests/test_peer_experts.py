@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from peer import experts
 from peer.experts import (ExpertBackend, InvalidInputError, NonFiniteGradientError, UnknownExpertError,
                           create_expert, expert_names, pick_device, register_expert)
 
@@ -47,7 +48,9 @@ def test_registry_rejects_unknown_and_duplicate_names():
         create_expert("ffn", 0)
 
 
-def test_custom_expert_registration():
+def test_custom_expert_registration(monkeypatch):
+    monkeypatch.setattr(experts, "_REGISTRY", dict(experts._REGISTRY))  # keep the global registry clean
+
     class Scale(nn.Module):
         def __init__(self, hidden_dim):
             super().__init__()
@@ -200,3 +203,20 @@ def test_pick_device_and_info():
     backend = ExpertBackend("ffn.2.3", create_expert("ffn", 8), max_batch_size=16, device="cpu")
     assert backend.info() == {"name": "ffn.2.3", "input_shape": [8], "dtype": "float32", "max_batch_size": 16,
                               "update_count": 0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_backend_on_cuda_returns_cpu_tensors():
+    torch.manual_seed(5)
+    module = create_expert("ffn", 8)
+    reference = copy.deepcopy(module)
+    backend = ExpertBackend("ffn.0", module, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1), device="cuda")
+    x, grad_y = torch.randn(3, 8), torch.randn(3, 8)
+    y = backend.forward(x)
+    assert y.device.type == "cpu" and torch.allclose(y, reference(x), atol=1e-4)
+    x_ref = x.clone().requires_grad_(True)
+    reference(x_ref).backward(grad_y)
+    grad_x = backend.backward(x, grad_y)
+    assert grad_x.device.type == "cpu" and torch.allclose(grad_x, x_ref.grad, atol=1e-4)
+    state = backend.state_dict()
+    assert all(t.device.type == "cpu" for t in state["module"].values())

@@ -89,6 +89,8 @@ def test_beam_search_with_dead_prefixes():
     alive = {u for u in everything if parse_uid(u)[1][0] not in (0, 3) and torch.rand(1, generator=generator) < 0.5}
     calls = []
     k = 4
+    alive_rows = {parse_uid(u)[1][0] for u in alive}
+    assert len(alive_rows) >= k  # so a beam of k alive rows always yields k experts
     # exhaustive beam: exactly the brute-force top-k among alive experts
     exact = beam_search(scores, k, make_is_alive(alive, calls), "ffn", beam_size=grid[0])
     assert exact == brute_force_topk(scores, k, alive, "ffn")
@@ -114,6 +116,8 @@ def test_beam_search_returns_fewer_when_few_experts_alive():
     # k larger than the whole grid
     coords, found = beam_search_coords([torch.randn(2, 2)], 5, lambda names: names, "e")
     assert coords.shape == (2, 5, 1) and found.sum().item() == 4
+    # empty batch
+    assert beam_search([torch.randn(0, 3), torch.randn(0, 2)], 2, lambda names: names, "e") == []
 
 
 def test_beam_search_rejects_bad_scores():
@@ -197,3 +201,5 @@ def test_load_balancing_loss_prefers_balanced_routing_and_has_gradients():
     assert two.item() == pytest.approx((balanced.item() + skewed.item()) / 2, rel=1e-5)
     with pytest.raises(ValueError):
         load_balancing_loss([uniform], [balanced_mask, balanced_mask])
+    empty = load_balancing_loss(torch.zeros(0, n), torch.zeros(0, n, dtype=torch.bool))
+    assert empty.item() == 0.0
