@@ -201,8 +201,10 @@ class PartReducer:
             raise BadContribution(sender, f"weight must be finite and > 0, got {weight!r}")
         if self._weights.get(sender, weight) != weight:
             raise BadContribution(sender, f"weight {weight!r} differs from its earlier weight {self._weights[sender]!r}")
+        if values.dtype != self.dtype:
+            values = values.to(self.dtype)  # convert first: a finite float64 may overflow a float32 buffer
         if length and not bool(torch.isfinite(values).all()):
-            raise BadContribution(sender, f"chunk at offset {offset} contains NaN or inf")
+            raise BadContribution(sender, f"chunk at offset {offset} contains NaN or inf (in {self.dtype})")
         intervals = self._covered[sender]
         if length and not _insert_interval(intervals, offset, offset + length):
             raise BadContribution(sender, f"range [{offset}, {offset + length}) overlaps data it already sent")

@@ -1,8 +1,8 @@
 """Logging setup for swarmtrain processes: one readable line per event, libp2p's noise filtered out.
 
-py-libp2p logs a WARNING for routine events (a stream closed by the peer, a reset after our own
-timeout) and TLS logs "peer ID not found" on the root logger. We do not edit the library; we raise
-its loggers' level here and drop the known-noise root messages with a filter.
+py-libp2p logs WARNING/ERROR lines for routine events (a stream closed by the peer, a reset after our
+own timeout, an unreachable address) and TLS logs "peer ID not found" on the root logger. We do not
+edit the library; we raise its loggers' level here and drop the known-noise root messages.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _NOISY_ROOT_MESSAGES = ("peer ID not found",)
 class _DropLibp2pNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith(("libp2p", "multiaddr", "aioquic", "zeroconf")):
-            return record.levelno >= logging.ERROR
+            return record.levelno >= logging.CRITICAL
         return not (record.name == "root" and any(m in str(record.msg) for m in _NOISY_ROOT_MESSAGES))
 
 
@@ -35,5 +35,8 @@ def setup_logging(level: str | int = "INFO") -> None:
     handler.addFilter(_DropLibp2pNoise())
     root.addHandler(handler)
     root.setLevel(level)
+    # libp2p reports routine events (an unreachable peer, a reset stream) as WARNING/ERROR, some through
+    # its own handlers; we surface those failures as exceptions of our own, so its loggers speak only
+    # at DEBUG (when the user asked for everything) or CRITICAL.
     for name in ("libp2p", "multiaddr", "aioquic", "zeroconf", "async_service"):
-        logging.getLogger(name).setLevel(max(level, logging.ERROR) if isinstance(level, int) else logging.ERROR)
+        logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG else logging.CRITICAL)

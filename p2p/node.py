@@ -51,6 +51,14 @@ def parse_maddr(addr: str) -> multiaddr.Multiaddr:
         raise ValueError(f"invalid multiaddr {addr!r}: {e}") from None
 
 
+def _local_ipv4s() -> list[str]:
+    """This machine's IPv4 addresses, loopback last (what a wildcard listen address really means)."""
+    import ifaddr  # installed with libp2p
+
+    ips = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)]
+    return sorted(set(ips), key=lambda ip: (ip.startswith("127."), ip))
+
+
 class Node:
     """One peer's libp2p host: identity, listen/announce addresses, streams, and a trio loop thread.
 
@@ -162,7 +170,13 @@ class Node:
         """Full multiaddrs others can join with: ``/ip4/.../tcp/.../p2p/<peer-id>``."""
         if self.host is None or self.client_mode:
             return []
-        return [str(a) for a in self.host.get_addrs()]
+        out: list[str] = []
+        for addr in map(str, self.host.get_addrs()):
+            if addr.startswith("/ip4/0.0.0.0/"):
+                out.extend(addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in _local_ipv4s())
+            else:
+                out.append(addr)
+        return out
 
     def add_addrs(self, peer_id: str, addrs: Sequence[str]) -> None:
         """Remember where ``peer_id`` can be reached (addresses with or without the /p2p suffix)."""

@@ -81,17 +81,28 @@ class RPCServer:
         """Answer calls on one stream until the caller closes it or it stays idle too long."""
         first = True
         while True:
+            # The stream's own per-frame deadline must not cut an idle pooled stream short: between calls
+            # the caller may stay silent for idle_timeout (its pool reuses streams idle < its max_idle).
+            stream.timeout = self.limits.read_timeout if first else self.limits.idle_timeout
             try:
-                with trio.move_on_after(self.limits.read_timeout if first else self.limits.idle_timeout) as idle:
-                    tag, body = await stream.read_frame()
+                tag, body = await stream.read_frame()
             except StreamAborted:
                 return  # the caller closed or reset the stream: normal end of a pooled stream
+            except P2PTimeout:
+                if first:
+                    logger.info("Dropped %s stream from %s: no complete request within %.1fs", self.service,
+                                stream.peer_id[-8:], stream.timeout)
+                else:
+                    logger.debug("Closing idle %s stream from %s", self.service, stream.peer_id[-8:])
+                return
             except P2PError as e:
                 logger.warning("Bad %s request from %s: %s", self.service, stream.peer_id[-8:], e)
                 await self._reply_error(stream, e)
+                if isinstance(e, MessageTooLarge):
+                    await self._discard_rest(stream)
                 return
-            if idle.cancelled_caught:
-                return
+            finally:
+                stream.timeout = self.limits.read_timeout
             first = False
             if not await self._serve_one(stream, tag, body):
                 return
@@ -148,6 +159,22 @@ class RPCServer:
             self.in_flight[peer] -= 1
             if not self.in_flight[peer]:
                 del self.in_flight[peer]
+
+    async def _discard_rest(self, stream: FramedStream) -> None:
+        """Drop the rest of a refused oversized request unread, for at most ``read_timeout``.
+
+        The caller is still writing that request and reads our refusal only once its write is done;
+        without this its write would stall on the transport window until its own deadline.
+        """
+        await stream.close()
+        with trio.move_on_after(self.limits.read_timeout):
+            try:
+                while await stream.raw.read(1 << 20):
+                    pass
+            except Exception:
+                pass  # the caller closed or reset the stream: done
+            return
+        await stream.reset()
 
     @staticmethod
     async def _reply_error(stream: FramedStream, error: BaseException, type_name: str | None = None) -> None:
@@ -241,7 +268,7 @@ async def call(node: "Node", peer_id: str, service: str, method: str, args: Any 
             if stream is None:
                 stream = await node.open_stream(peer_id, service, version=version,
                                                 max_frame_bytes=max_message_bytes, timeout=timeout)
-            stream.timeout = timeout
+            stream.timeout, stream.max_frame_bytes = timeout, max_message_bytes  # this call's limits, even if reused
             try:
                 try:
                     await stream.write_frame(MSG, request)

@@ -25,8 +25,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .errors import P2PTimeout, ProtocolViolation, StreamAborted, single_errors
-from .framing import ABORT, CREDIT, DATA, END, FramedStream, pack, unpack
+from .errors import P2PTimeout, ProtocolViolation, RemoteError, StreamAborted, single_errors
+from .framing import ABORT, CREDIT, DATA, END, MSG, FramedStream, pack, unpack
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_WINDOW_BYTES = 8 << 20
@@ -68,6 +68,10 @@ class PayloadSender:
                              f"({self.sent - self.credited} bytes outstanding)")
         if tag == ABORT:
             raise StreamAborted(f"receiver {self.stream.peer_id[-8:]} aborted: {unpack(body)}")
+        if tag == MSG:
+            reply = unpack(body)
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == "err":
+                raise RemoteError(self.stream.peer_id, "payload", str(reply[1]), str(reply[2]))
         if tag != CREDIT or len(body) != _CREDIT.size:
             raise ProtocolViolation(f"expected a credit frame from {self.stream.peer_id[-8:]}, got {tag!r}")
         self.credited += _CREDIT.unpack(body)[0]
@@ -86,6 +90,7 @@ class PayloadReceiver:
         self._send, self._recv = trio.open_memory_channel(math.inf)
         self.received = self._uncredited = 0
         self.done = False
+        self._failure: Exception | None = None
 
     async def _pump(self) -> None:
         """Read frames as they arrive (so yamux never stalls) and queue them for the consumer."""
@@ -107,6 +112,7 @@ class PayloadReceiver:
                     raise ProtocolViolation(f"payload exceeds the announced {self.max_bytes} bytes")
                 await self._send.send(body)
         except Exception as e:
+            self._failure = e  # seen by the consumer's next read, ahead of chunks still queued
             await self._send.send(e)
 
     def __aiter__(self) -> "PayloadReceiver":
@@ -115,6 +121,9 @@ class PayloadReceiver:
     async def __anext__(self) -> bytes:
         if self.done:
             raise StopAsyncIteration
+        if self._failure is not None:  # the payload cannot complete: fail now, not after the queued chunks
+            self.done = True
+            raise self._failure
         item = await self._recv.receive()  # the pump always delivers or fails within its deadline
         if isinstance(item, Exception):
             self.done = True

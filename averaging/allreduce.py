@@ -1,0 +1,335 @@
+"""Butterfly all-reduce of one group, with repair so that a dying member never leaves elements un-averaged.
+
+The flat buffer is split into one contiguous part per member, sized by bandwidth (client-mode
+members own nothing). Then, on every member at once:
+
+1. **Scatter-reduce.** For every other owner ``j`` open one stream and send our slice of part ``j``
+   (compressed, in chunks). Owner ``j`` adds each chunk to a :class:`PartReducer` as it arrives, so
+   network and reduction overlap. A sender that stalls (no chunk for ``chunk_timeout``), sends
+   NaN/Inf, or never shows up is excluded from that part.
+2. **All-gather.** When its part is reduced, the owner compresses the mean once and sends the same
+   bytes back on every stream; everybody (the owner included) keeps ``decompress(bytes)``, so all
+   members hold bit-identical values for the part. While waiting the owner sends keepalives, so a
+   dead or frozen owner is detected within ``chunk_timeout``.
+3. **Repair** (only when some part is missing). Ask every other member which parts it holds. A part
+   some member holds is fetched from it (raw float32, exact). A part nobody holds — its owner died
+   before sending it to anyone — is reduced again by the first responsive non-client member, from
+   the contributions of all responsive members.
+
+A member commits (writes results into its tensors) only if it holds every part; otherwise the round
+fails explicitly and its tensors stay unchanged. Members keep a finished round around for
+``linger`` seconds so that others can still fetch parts from them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import trio
+
+from p2p import P2PError, open_call, read_reply
+from p2p.streams import PayloadSender, receive_payload
+
+from .compression import Compression
+from .partition import split_by_bandwidth
+from .reduce import PartReducer, ReduceError
+
+if TYPE_CHECKING:
+    from .averager import Averager
+
+logger = logging.getLogger(__name__)
+
+KEEPALIVE, RESULT = "wait", "result"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of a group as agreed in matchmaking."""
+
+    peer_id: str
+    bandwidth: float
+    client: bool
+
+
+@dataclass
+class RoundStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    excluded: set[str] = field(default_factory=set)
+    repaired_parts: list[int] = field(default_factory=list)
+
+
+class AllReduceRound:
+    """One member's state for one all-reduce round; created by :class:`~averaging.averager.Averager`."""
+
+    def __init__(self, averager: "Averager", round_id: str, members: list[Member], weight: float,
+                 compression: Compression, chunk_elems: int, chunk_timeout: float):
+        self.averager, self.round_id, self.members, self.weight = averager, round_id, members, weight
+        self.compression, self.chunk_elems, self.chunk_timeout = compression, chunk_elems, chunk_timeout
+        self.me = averager.peer_id
+        self.index = [m.peer_id for m in members].index(self.me)
+        self.peer_ids = [m.peer_id for m in members]
+        self.parts = split_by_bandwidth(averager.buffer.numel, [0.0 if m.client else m.bandwidth for m in members])
+        self.local = averager.buffer.buffer      # our contribution (loaded from the tensors)
+        self.result = averager.result            # where reduced parts land
+        self.have: set[int] = {j for j, (a, b) in enumerate(self.parts) if a == b}
+        self.reducers: dict[int, PartReducer] = {}
+        self.reducer_ready: dict[int, trio.Event] = {}
+        self.result_bytes: dict[int, list[bytes]] = {}
+        self.result_ready: dict[int, trio.Event] = {}
+        self.phase1_done = trio.Event()
+        self.started: dict[int, set[str]] = {}
+        self.progress: dict[int, trio.Event] = {}
+        self.stats = RoundStats()
+
+    # ------------------------------------------------------------------ helpers
+    def _event(self, table: dict[int, trio.Event], part: int) -> trio.Event:
+        return table.setdefault(part, trio.Event())
+
+    def _chunks(self, part: int):
+        start, end = self.parts[part]
+        for a in range(start, end, self.chunk_elems):
+            yield a, min(a + self.chunk_elems, end)
+
+    def open_part(self, part: int, senders: list[str]) -> PartReducer:
+        """Start reducing ``part`` from ``senders`` (we must be one of them); our own slice goes in now."""
+        start, end = self.parts[part]
+        reducer = PartReducer(end - start, senders)
+        reducer.add(self.me, 0, self.local[start:end], self.weight)
+        reducer.sender_finished(self.me)
+        self.reducers[part] = reducer
+        self._event(self.reducer_ready, part).set()
+        return reducer
+
+    def _poke(self, part: int) -> None:
+        self._event(self.progress, part).set()
+
+    async def _wait_progress(self, part: int) -> None:
+        await self._event(self.progress, part).wait()
+        self.progress[part] = trio.Event()
+
+    async def finish_part(self, part: int, deadline_senders: float) -> None:
+        """Wait until every sender finished or was excluded, then publish the mean.
+
+        A sender that has not started within ``chunk_timeout`` is excluded; one that started is bounded
+        by the per-chunk deadline of its own stream, and everything by ``deadline_senders``.
+        """
+        reducer = self.reducers[part]
+        started = self.started.setdefault(part, {self.me})
+        with trio.move_on_after(self.chunk_timeout):
+            while not reducer.is_complete() and len(started) < len(reducer.expected_senders):
+                await self._wait_progress(part)
+        for sender in reducer.active_senders:
+            if sender not in started:
+                reducer.exclude(sender)
+        with trio.move_on_after(deadline_senders):
+            while not reducer.is_complete():
+                await self._wait_progress(part)
+        for sender in reducer.active_senders:
+            if sender not in reducer.finished_senders:
+                logger.info("Round %s: excluding %s from part %d (no complete contribution in time)",
+                            self.round_id[-8:], sender[-8:], part)
+                reducer.exclude(sender)
+                self.stats.excluded.add(sender)
+        mean = reducer.result()
+        blobs = []
+        start, _ = self.parts[part]
+        for a, b in self._chunks(part):
+            blob = self.compression.compress(mean[a - start:b - start].contiguous())
+            self.compression.decompress(blob, b - a, out=self.result[a:b])
+            blobs.append(blob)
+        self.result_bytes[part] = blobs
+        self.have.add(part)
+        del self.reducers[part]  # free the per-sender buffers now
+        self._event(self.result_ready, part).set()
+
+    # ------------------------------------------------------------------ sender side
+    async def exchange_part(self, part: int, repair: bool = False) -> bool:
+        """Send our slice of ``part`` to its owner and receive the reduced part back."""
+        owner = self.members[part].peer_id if not repair else self.repair_owner[part]
+        header = {"round": self.round_id, "part": part, "weight": self.weight, "repair": repair}
+        try:
+            async with open_call(self.averager.node, owner, self.averager.service, "part", header,
+                                 timeout=self.chunk_timeout, max_message_bytes=self.averager.max_frame) as stream:
+                stream.timeout = self.chunk_timeout
+                sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
+                for a, b in self._chunks(part):
+                    await sender.send(self.compression.compress(self.local[a:b]))
+                await sender.finish()
+                while (await stream.recv_msg()) == KEEPALIVE:
+                    pass
+                chunks = list(self._chunks(part))
+                async with receive_payload(stream, window_bytes=self.averager.window_bytes,
+                                           timeout=self.chunk_timeout) as incoming:
+                    i = 0
+                    async for blob in incoming:
+                        if i >= len(chunks):
+                            raise ReduceError("owner sent more chunks than the part has")
+                        a, b = chunks[i]
+                        self.compression.decompress(blob, b - a, out=self.result[a:b])
+                        i += 1
+                if i != len(chunks):
+                    raise ReduceError(f"owner sent {i} of {len(chunks)} chunks")
+                await read_reply(stream, "part")
+                self.stats.bytes_sent += stream.bytes_sent
+                self.stats.bytes_received += stream.bytes_received
+            self.have.add(part)
+            return True
+        except (P2PError, ReduceError, ValueError) as e:
+            logger.info("Round %s: part %d with owner %s failed: %s", self.round_id[-8:], part, owner[-8:], e)
+            return False
+
+    # ------------------------------------------------------------------ owner side (called by the RPC handler)
+    async def serve_part(self, stream, sender_id: str, part: int, weight: float, repair: bool) -> None:
+        """Receive ``sender_id``'s slice of ``part``, then send back the reduced part."""
+        if sender_id not in self.peer_ids or not 0 <= part < len(self.parts):
+            raise ValueError(f"{sender_id[-8:]} is not a member of round {self.round_id[-8:]} or part is invalid")
+        with trio.move_on_after(self.chunk_timeout * 2):
+            await self._event(self.reducer_ready, part).wait()
+        reducer = self.reducers.get(part)
+        if reducer is None:
+            raise ValueError(f"we do not reduce part {part} in round {self.round_id[-8:]}")
+        start, _ = self.parts[part]
+        self.started.setdefault(part, {self.me}).add(sender_id)
+        self._poke(part)
+        try:
+            async with receive_payload(stream, window_bytes=self.averager.window_bytes,
+                                       timeout=self.chunk_timeout) as incoming:
+                for a, b in self._chunks(part):
+                    blob = await incoming.__anext__()
+                    values = self.compression.decompress(blob, b - a)
+                    reducer.add(sender_id, a - start, values, weight)
+                async for _ in incoming:
+                    raise ReduceError("sender sent more chunks than the part has")
+            reducer.sender_finished(sender_id)
+            self._poke(part)
+        except BaseException as e:
+            if part in self.reducers:
+                reducer.exclude(sender_id)
+                self.stats.excluded.add(sender_id)
+                self._poke(part)
+            if isinstance(e, (ReduceError, P2PError, ValueError, StopAsyncIteration)):
+                logger.info("Round %s: excluded %s from part %d: %s", self.round_id[-8:], sender_id[-8:], part,
+                            e or type(e).__name__)
+            raise
+        ready = self._event(self.result_ready, part)
+        while not ready.is_set():
+            with trio.move_on_after(self.chunk_timeout / 3):
+                await ready.wait()
+            if not ready.is_set():
+                await stream.send_msg(KEEPALIVE)
+        await stream.send_msg(RESULT)
+        sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
+        for blob in self.result_bytes[part]:
+            await sender.send(blob)
+        await sender.finish()
+
+    def status(self) -> list[int]:
+        return sorted(self.have)
+
+    def part_values(self, part: int) -> torch.Tensor:
+        start, end = self.parts[part]
+        return self.result[start:end]
+
+    # ------------------------------------------------------------------ the round
+    async def run(self) -> bool:
+        """Phases 1–3 of the module docstring; True if we hold every part afterwards."""
+        my_part_nonempty = self.parts[self.index][0] < self.parts[self.index][1]
+        async with trio.open_nursery() as nursery:
+            if my_part_nonempty:
+                self.open_part(self.index, self.peer_ids)
+                # each sender gets chunk_timeout per frame; allow the whole part to arrive at the
+                # slowest declared bandwidth, plus that timeout for stragglers
+                nursery.start_soon(self.finish_part, self.index, self._transfer_budget())
+            for j, (a, b) in enumerate(self.parts):
+                if j != self.index and a < b:
+                    nursery.start_soon(self.exchange_part, j)
+        self.phase1_done.set()
+        missing = [j for j in range(len(self.parts)) if j not in self.have]
+        if missing:
+            await self.repair(missing)
+        return len(self.have) == len(self.parts)
+
+    def _transfer_budget(self) -> float:
+        nbytes = self.compression.bytes_for(self.averager.buffer.numel)
+        slowest = min((m.bandwidth for m in self.members if m.bandwidth > 0), default=1.0)
+        return nbytes / slowest + 2 * self.chunk_timeout
+
+    async def repair(self, missing: list[int]) -> None:
+        """Phase 3: fetch parts others hold; re-reduce parts nobody holds among responsive members."""
+        logger.info("Round %s: repairing parts %s", self.round_id[-8:], missing)
+        holders: dict[str, list[int]] = {self.me: self.status()}
+
+        async def ask(peer_id: str) -> None:
+            try:
+                reply = await self.averager.node.call(peer_id, self.averager.service, "status",
+                                                      {"round": self.round_id}, timeout=self.chunk_timeout * 3)
+                if isinstance(reply, list):
+                    holders[peer_id] = [int(p) for p in reply if isinstance(p, int)]
+            except P2PError as e:
+                logger.info("Round %s: %s did not answer status: %s", self.round_id[-8:], peer_id[-8:], e)
+
+        async with trio.open_nursery() as nursery:
+            for m in self.members:
+                if m.peer_id != self.me and not m.client:
+                    nursery.start_soon(ask, m.peer_id)
+        responsive = [p for p in self.peer_ids if p in holders]
+        self.repair_owner: dict[int, str] = {}
+        to_fetch, to_reduce = {}, []
+        for j in missing:
+            donors = [p for p in responsive if j in holders[p]]
+            if donors:
+                to_fetch[j] = donors[0]
+            else:
+                owners = [p for p in responsive if not self.members[self.peer_ids.index(p)].client]
+                if not owners:
+                    return
+                self.repair_owner[j] = owners[0]
+                to_reduce.append(j)
+        async with trio.open_nursery() as nursery:
+            for j, donor in to_fetch.items():
+                nursery.start_soon(self._fetch, j, donor)
+            for j in to_reduce:
+                self.stats.repaired_parts.append(j)
+                if self.repair_owner[j] == self.me:
+                    self.open_part(j, responsive)
+                    nursery.start_soon(self.finish_part, j, self._transfer_budget())
+                else:
+                    nursery.start_soon(self.exchange_part, j, True)
+
+    async def _fetch(self, part: int, donor: str) -> None:
+        start, end = self.parts[part]
+        try:
+            async with open_call(self.averager.node, donor, self.averager.service, "fetch",
+                                 {"round": self.round_id, "part": part}, timeout=self.chunk_timeout,
+                                 max_message_bytes=self.averager.max_frame) as stream:
+                stream.timeout = self.chunk_timeout
+                view = memoryview(self.result[start:end].numpy()).cast("B")
+                offset = 0
+                async with receive_payload(stream, window_bytes=self.averager.window_bytes,
+                                           timeout=self.chunk_timeout, max_bytes=len(view)) as incoming:
+                    async for blob in incoming:
+                        view[offset:offset + len(blob)] = blob
+                        offset += len(blob)
+                await read_reply(stream, "fetch")
+            if offset == len(view):
+                self.have.add(part)
+        except (P2PError, ValueError) as e:
+            logger.info("Round %s: fetching part %d from %s failed: %s", self.round_id[-8:], part, donor[-8:], e)
+
+    async def serve_fetch(self, stream, part: int) -> None:
+        if part not in self.have:
+            raise ValueError(f"we do not hold part {part} of round {self.round_id[-8:]}")
+        values = self.part_values(part)
+        sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
+        await sender.send_buffer(memoryview(values.numpy()).cast("B"), chunk_bytes=1 << 20)
+        await sender.finish()
+
+
+def default_chunk_elems(compression: Compression, target_bytes: int = 1 << 20) -> int:
+    """Elements per chunk so that one compressed chunk is about ``target_bytes``."""
+    per_elem = max(compression.bytes_for(1 << 16) / (1 << 16), 1e-3)
+    return max(1024, int(math.floor(target_bytes / per_elem)))

@@ -1,0 +1,213 @@
+"""Matchmaking through the DHT: peers that want to average form groups with no coordinator.
+
+1. **Announce.** Each peer writes ``{bandwidth, client, signature, t}`` under the group key with its
+   own peer ID as sub-key (owner-signed, so nobody can announce for someone else), expiring shortly.
+2. **Gather candidates.** Poll the key (latest values) until ``target_group_size`` peers are there or
+   ``matchmaking_time`` has passed.
+3. **Split deterministically.** Sort the candidates by announce time (then peer ID) and cut them into
+   groups of at most ``target_group_size``; every peer computes the same split from the same view.
+   A group's *leader* is its first non-client member.
+4. **Join.** The leader accepts joins for its group; followers call ``join`` on their leader, which
+   answers once the group is complete or the join window closes, with the final member list — the
+   leader's list is the single source of truth, so differing DHT views cannot split a group. A peer
+   asked to lead while it follows someone else redirects the caller there (at most a few hops).
+5. **Withdraw.** Members overwrite their announcement with a "done" tombstone so the next round
+   does not pick them up twice.
+
+Every wait is bounded by ``matchmaking_time`` plus a margin derived from measured round trips; a
+round that cannot form a group of at least ``min_group_size`` fails with :class:`MatchmakingFailed`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from dht import get_dht_time
+from p2p import P2PError, RemoteError
+
+from .allreduce import Member
+
+if TYPE_CHECKING:
+    from .averager import Averager
+
+logger = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 3
+
+
+class MatchmakingFailed(RuntimeError):
+    """No group of at least ``min_group_size`` peers could be formed in time."""
+
+
+@dataclass
+class Gathering:
+    """A leader's group under construction."""
+
+    round_id: str
+    expected: set[str]
+    members: list[Member]
+    capacity: int
+    deadline: float
+    done: trio.Event = field(default_factory=trio.Event)
+    changed: trio.Event = field(default_factory=trio.Event)
+    failed: str | None = None
+
+
+class Matchmaker:
+    """Forms groups for one :class:`~averaging.averager.Averager`; also serves its ``join`` RPC."""
+
+    def __init__(self, averager: "Averager"):
+        self.av = averager
+        self.gathering: Gathering | None = None
+        self.following: str | None = None
+        self.decided = trio.Event()
+        self.rtt = 0.05  # seconds; refined from measured join round trips
+
+    # ------------------------------------------------------------------ one matchmaking attempt
+    async def form_group(self, group_key: str) -> tuple[str, list[Member]]:
+        av = self.av
+        self.gathering, self.following, self.decided = None, None, trio.Event()
+        me = Member(av.peer_id, av.bandwidth, av.client_mode)
+        announced_at = get_dht_time()
+        expiration = announced_at + av.matchmaking_time * 2 + 5 * self.rtt
+        entry = {"bw": av.bandwidth, "client": av.client_mode, "sig": av.signature_hash, "t": announced_at}
+        await av.dht.astore_many([av.dht.make_record(group_key, entry, expiration, subkey=av.peer_id)],
+                                 republish=False)
+        try:
+            candidates = await self._gather(group_key, announced_at)
+            group = self._my_group(candidates)
+            leader = next((m for m in group if not m.client), None)
+            if leader is None:
+                raise MatchmakingFailed("no peer in our group accepts connections (all are in client mode)")
+            if leader.peer_id == av.peer_id:
+                return await self._lead(group, announced_at)
+            self.following = leader.peer_id
+            self.decided.set()
+            return await self._join(leader.peer_id, me)
+        finally:
+            self.decided.set()
+            tombstone = av.dht.make_record(group_key, {"done": True}, expiration + 1e-3, subkey=av.peer_id)
+            av.node.spawn(lambda: av.dht.astore_many([tombstone], republish=False))
+
+    async def _gather(self, group_key: str, announced_at: float) -> list[tuple[float, str, Member]]:
+        av = self.av
+        deadline = trio.current_time() + av.matchmaking_time
+        candidates: list[tuple[float, str, Member]] = []
+        while True:
+            found = await av.dht.aget(group_key, latest=True)
+            candidates = self._parse(found, announced_at)
+            if len(candidates) >= av.target_group_size or trio.current_time() >= deadline:
+                return candidates
+            await trio.sleep(min(max(10 * self.rtt, 0.05), 0.5, max(deadline - trio.current_time(), 0)))
+
+    def _parse(self, found: Any, announced_at: float) -> list[tuple[float, str, Member]]:
+        out = []
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        for peer_id, item in entries.items():
+            value = getattr(item, "value", None)
+            if not isinstance(peer_id, str) or not isinstance(value, dict) or value.get("done"):
+                continue
+            t, bw = value.get("t"), value.get("bw")
+            if not isinstance(t, (int, float)) or not isinstance(bw, (int, float)) or bw < 0:
+                continue
+            if t < announced_at - 2 * self.av.matchmaking_time - 1.0:
+                continue  # a stale announcement from an earlier round
+            out.append((float(t), peer_id, Member(peer_id, float(bw), bool(value.get("client", False)))))
+        if self.av.peer_id not in {p for _, p, _ in out}:
+            out.append((announced_at, self.av.peer_id, Member(self.av.peer_id, self.av.bandwidth, self.av.client_mode)))
+        return sorted(out)
+
+    def _my_group(self, candidates: list[tuple[float, str, Member]]) -> list[Member]:
+        n, size = len(candidates), self.av.target_group_size
+        n_groups = max(1, -(-n // size))
+        bounds = [round(i * n / n_groups) for i in range(n_groups + 1)]
+        members = [m for _, _, m in candidates]
+        for a, b in zip(bounds, bounds[1:]):
+            if any(m.peer_id == self.av.peer_id for m in members[a:b]):
+                return members[a:b]
+        raise AssertionError("we are always among our own candidates")
+
+    async def _lead(self, group: list[Member], announced_at: float) -> tuple[str, list[Member]]:
+        av = self.av
+        me = next(m for m in group if m.peer_id == av.peer_id)
+        window = av.matchmaking_time + 10 * self.rtt
+        g = Gathering(round_id=f"{av.prefix}|{av.peer_id[-12:]}|{os.urandom(6).hex()}",
+                      expected={m.peer_id for m in group}, members=[me], capacity=av.target_group_size,
+                      deadline=trio.current_time() + window)
+        self.gathering = g
+        self.decided.set()
+        with trio.move_on_after(window):
+            while not g.expected <= {m.peer_id for m in g.members} and len(g.members) < g.capacity:
+                await g.changed.wait()
+                g.changed = trio.Event()
+        if len(g.members) < av.min_group_size:
+            g.failed = f"only {len(g.members)} of the required {av.min_group_size} peers joined"
+        g.done.set()
+        if g.failed:
+            raise MatchmakingFailed(g.failed)
+        return g.round_id, self._ordered(g.members)
+
+    @staticmethod
+    def _ordered(members: list[Member]) -> list[Member]:
+        return [members[0]] + sorted(members[1:], key=lambda m: m.peer_id)
+
+    async def _join(self, leader: str, me: Member) -> tuple[str, list[Member]]:
+        av = self.av
+        args = {"sig": av.signature_hash, "bw": me.bandwidth, "client": me.client}
+        for _ in range(MAX_REDIRECTS):
+            started = trio.current_time()
+            try:
+                reply = await av.node.call(leader, av.service, "join", args,
+                                           timeout=2 * av.matchmaking_time + 20 * self.rtt + 1.0)
+            except RemoteError as e:
+                if e.remote_type == "SignatureMismatch":
+                    raise ValueError(f"cannot average with group of {leader[-8:]}: {e.remote_message}") from None
+                raise MatchmakingFailed(f"leader {leader[-8:]} refused us: {e.remote_message}") from None
+            except P2PError as e:
+                raise MatchmakingFailed(f"leader {leader[-8:]} unreachable: {e}") from None
+            if isinstance(reply, dict) and isinstance(reply.get("redirect"), str):
+                leader = reply["redirect"]
+                continue
+            try:
+                members = [Member(str(p), float(bw), bool(c)) for p, bw, c in reply["members"]]
+                round_id = str(reply["round"])
+            except (KeyError, TypeError, ValueError):
+                raise MatchmakingFailed(f"malformed join reply from {leader[-8:]}") from None
+            if av.peer_id not in [m.peer_id for m in members]:
+                raise MatchmakingFailed("the leader's group does not include us")
+            self.rtt = 0.8 * self.rtt + 0.2 * min(trio.current_time() - started, 1.0) / 10
+            return round_id, members
+        raise MatchmakingFailed("too many redirects while looking for a leader")
+
+    # ------------------------------------------------------------------ leader side RPC
+    async def rpc_join(self, peer_id: str, args: Any) -> dict:
+        av = self.av
+        if not isinstance(args, dict) or not isinstance(args.get("bw"), (int, float)):
+            raise ValueError("join needs {'sig', 'bw', 'client'}")
+        if args.get("sig") != av.signature_hash:
+            raise SignatureMismatch(f"tensors differ: ours are {av.signature_text}")
+        with trio.move_on_after(av.matchmaking_time + 10 * self.rtt):
+            await self.decided.wait()
+        g = self.gathering
+        if g is None:
+            if self.following:
+                return {"redirect": self.following}
+            raise MatchmakingFailed("not looking for a group right now")
+        if g.done.is_set() or len(g.members) >= g.capacity:
+            raise MatchmakingFailed("group already formed")
+        if peer_id not in {m.peer_id for m in g.members}:
+            g.members.append(Member(peer_id, float(args["bw"]), bool(args.get("client", False))))
+            g.changed.set()
+        with trio.move_on_after(max(g.deadline - trio.current_time(), 0) + 10 * self.rtt):
+            await g.done.wait()
+        if g.failed or not g.done.is_set():
+            raise MatchmakingFailed(g.failed or "group did not form in time")
+        return {"round": g.round_id, "members": [[m.peer_id, m.bandwidth, m.client] for m in self._ordered(g.members)]}
+
+
+class SignatureMismatch(ValueError):
+    """A peer wants to average tensors of other shapes/dtypes than ours."""
