@@ -1,0 +1,6 @@
+"""averaging — matchmaking through the DHT, butterfly all-reduce with repair, gossip, compression,
+robust aggregation, state download."""
+from .averager import Averager, StepResult
+from .matchmaking import MatchmakingFailed
+
+__all__ = ["Averager", "StepResult", "MatchmakingFailed"]

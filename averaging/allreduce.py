@@ -114,12 +114,13 @@ class AllReduceRound:
     async def finish_part(self, part: int, deadline_senders: float) -> None:
         """Wait until every sender finished or was excluded, then publish the mean.
 
-        A sender that has not started within ``chunk_timeout`` is excluded; one that started is bounded
-        by the per-chunk deadline of its own stream, and everything by ``deadline_senders``.
+        A sender that has not started within ``2 * chunk_timeout`` (dialing a new peer and its handshake
+        may take a while on a busy machine) is excluded; one that started is bounded by the per-chunk
+        deadline of its own stream, and everything by ``deadline_senders``.
         """
         reducer = self.reducers[part]
         started = self.started.setdefault(part, {self.me})
-        with trio.move_on_after(self.chunk_timeout):
+        with trio.move_on_after(2 * self.chunk_timeout):
             while not reducer.is_complete() and len(started) < len(reducer.expected_senders):
                 await self._wait_progress(part)
         for sender in reducer.active_senders:
@@ -153,7 +154,7 @@ class AllReduceRound:
         header = {"round": self.round_id, "part": part, "weight": self.weight, "repair": repair}
         try:
             async with open_call(self.averager.node, owner, self.averager.service, "part", header,
-                                 timeout=self.chunk_timeout, max_message_bytes=self.averager.max_frame) as stream:
+                                 timeout=2 * self.chunk_timeout, max_message_bytes=self.averager.max_frame) as stream:
                 stream.timeout = self.chunk_timeout
                 sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
                 for a, b in self._chunks(part):
@@ -280,9 +281,9 @@ class AllReduceRound:
         self.repair_owner: dict[int, str] = {}
         to_fetch, to_reduce = {}, []
         for j in missing:
-            donors = [p for p in responsive if j in holders[p]]
+            donors = [p for p in responsive if j in holders[p] and p != self.me]
             if donors:
-                to_fetch[j] = donors[0]
+                to_fetch[j] = donors
             else:
                 owners = [p for p in responsive if not self.members[self.peer_ids.index(p)].client]
                 if not owners:
@@ -290,8 +291,8 @@ class AllReduceRound:
                 self.repair_owner[j] = owners[0]
                 to_reduce.append(j)
         async with trio.open_nursery() as nursery:
-            for j, donor in to_fetch.items():
-                nursery.start_soon(self._fetch, j, donor)
+            for j, donors in to_fetch.items():
+                nursery.start_soon(self._fetch_any, j, donors)
             for j in to_reduce:
                 self.stats.repaired_parts.append(j)
                 if self.repair_owner[j] == self.me:
@@ -300,7 +301,12 @@ class AllReduceRound:
                 else:
                     nursery.start_soon(self.exchange_part, j, True)
 
-    async def _fetch(self, part: int, donor: str) -> None:
+    async def _fetch_any(self, part: int, donors: list[str]) -> None:
+        for donor in donors:
+            if await self._fetch(part, donor):
+                return
+
+    async def _fetch(self, part: int, donor: str) -> bool:
         start, end = self.parts[part]
         try:
             async with open_call(self.averager.node, donor, self.averager.service, "fetch",
@@ -317,8 +323,10 @@ class AllReduceRound:
                 await read_reply(stream, "fetch")
             if offset == len(view):
                 self.have.add(part)
+                return True
         except (P2PError, ValueError) as e:
             logger.info("Round %s: fetching part %d from %s failed: %s", self.round_id[-8:], part, donor[-8:], e)
+        return False
 
     async def serve_fetch(self, stream, part: int) -> None:
         if part not in self.have:

@@ -171,10 +171,24 @@ class Averager:
             result.group_size, result.duration, f" ({result.reason})" if result.reason else "")
         return result
 
+    @property
+    def linger(self) -> float:
+        """How long a finished round stays available to members that still repair from it."""
+        return 4 * self.chunk_timeout
+
     async def _forget_round(self, round_id: str) -> None:
-        await trio.sleep(4 * self.chunk_timeout)  # others may still fetch parts from us
+        await trio.sleep(self.linger)
         self.rounds.pop(round_id, None)
         self._registered.pop(round_id, None)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stay reachable until recent rounds can no longer be repaired from us (at most ``linger`` s)."""
+        async def drain() -> None:
+            with trio.move_on_after(self.linger if timeout is None else timeout):
+                while self.rounds:
+                    await trio.sleep(0.1)
+        if self.node.is_running:
+            self.node.run(drain)
 
     # ------------------------------------------------------------------ RPC handlers
     async def _round(self, args: Any) -> AllReduceRound:

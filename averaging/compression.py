@@ -52,14 +52,6 @@ def _check_chunk(chunk: torch.Tensor) -> None:
         raise ValueError("chunk must be contiguous (call .contiguous() before compressing)")
 
 
-def _as_uint8_tensor(data: Buffer) -> torch.Tensor:
-    """View ``data`` as a flat uint8 tensor without copying (read-only buffers included)."""
-    with warnings.catch_warnings():
-        # torch warns that it cannot mark a tensor read-only; we never write into views of input bytes.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(data, dtype=torch.uint8)
-
-
 def _view_as(data: Buffer, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
     """Zero-copy view of ``count`` items of ``dtype`` starting ``offset`` bytes into ``data``."""
     if count == 0:
@@ -121,7 +113,7 @@ class NoCompression(Compression):
 
     def compress(self, chunk: torch.Tensor) -> bytes:
         _check_chunk(chunk)
-        return chunk.numpy().tobytes()
+        return chunk.detach().numpy().tobytes()
 
     def _decode(self, data: Buffer, numel: int, out: torch.Tensor | None) -> torch.Tensor:
         view = _view_as(data, torch.float32, numel)  # zero-copy: aliases ``data``, callers must not modify it
@@ -144,6 +136,7 @@ class Float16Compression(Compression):
 
     def compress(self, chunk: torch.Tensor) -> bytes:
         _check_chunk(chunk)
+        chunk = chunk.detach()
         half = np.empty(chunk.numel(), dtype=np.float16)
         half_tensor = torch.from_numpy(half).copy_(chunk)
         if chunk.numel():
@@ -218,6 +211,7 @@ class Uint8BlockwiseCompression(Compression):
 
     def compress(self, chunk: torch.Tensor) -> bytes:
         _check_chunk(chunk)
+        chunk = chunk.detach()
         numel = chunk.numel()
         nblocks = self.num_blocks(numel)
         header = torch.empty(2, nblocks, dtype=torch.float32)
@@ -233,7 +227,7 @@ class Uint8BlockwiseCompression(Compression):
                 half_span.mul_(0.5).sub_(lo * 0.5)
                 center, step = torch.add(lo, half_span, out=centers[blocks]), steps[blocks]
                 torch.div(half_span, 127.5, out=step)
-                if not (bool(torch.isfinite(center).all()) and bool(torch.isfinite(step).all())):
+                if not bool(torch.isfinite(header[:, blocks]).all()):
                     raise ValueError("cannot compress a chunk containing NaN or +-inf")
                 # Step 2: codes. Divide (1/step overflows for subnormal steps); step 0 means x == center.
                 # Adding 127.5 + 0.5 and clamping to [0, 255] lets the truncating float->uint8 copy round to
@@ -284,9 +278,8 @@ def choose_compression(
 
     Small tensors (biases, norms) are cheap to send exactly, and their values often matter more per element.
     """
-    if tensor_numel < min_numel_to_compress:
-        return NoCompression()
-    return get_compression(requested_name)
+    requested = get_compression(requested_name)  # validates the name even for small tensors
+    return NoCompression() if tensor_numel < min_numel_to_compress else requested
 
 
 class ErrorFeedback:

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .reduce import all_finite
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,7 +80,7 @@ def centered_clip(
     weights = weights.to(device=vectors.device, dtype=vectors.dtype)
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
         raise ValueError("weights must be finite, non-negative, with a positive sum")
-    if not bool(torch.isfinite(vectors).all()):
+    if not all_finite(vectors):
         raise ValueError("vectors contain NaN or inf")
 
     normalized = weights / weights.sum()
@@ -95,6 +97,6 @@ def centered_clip(
         if float(torch.linalg.vector_norm(step)) <= eps * max(1.0, float(torch.linalg.vector_norm(v))):
             logger.debug("centered_clip converged after %d iterations", iteration + 1)
             break
-    if not bool(torch.isfinite(v).all()):
+    if not all_finite(v):
         raise ValueError("centered_clip overflowed; rescale the inputs")
     return v

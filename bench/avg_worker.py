@@ -1,0 +1,86 @@
+"""One averaging peer in its own process, for tests and benchmarks.
+
+Joins the swarm, waits until ``--start-at`` (unix time) so that all peers step together, runs
+``--rounds`` averaging steps and prints one JSON line per step, then saves its tensor (``--out``,
+torch.save) and prints ``{"done": true}``. The tensor is ``--size`` float32 elements equal to
+``--value`` (or random with ``--seed``); ``--nan`` poisons it so the peer's contributions must be
+rejected by the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # our packages before bench/dht.py
+
+from averaging import Averager
+from dht import DHT
+from p2p import setup_logging
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--initial-peers", nargs="*", default=[])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--size", type=int, default=1 << 20)
+    p.add_argument("--value", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--min-group", type=int, default=2)
+    p.add_argument("--compression", default="none")
+    p.add_argument("--bandwidth", type=float, default=100.0, help="declared MB/s")
+    p.add_argument("--matchmaking-time", type=float, default=2.0)
+    p.add_argument("--chunk-timeout", type=float, default=None)
+    p.add_argument("--start-at", type=float, default=0.0, help="unix time to start; -1: wait for a line on stdin")
+    p.add_argument("--pause", type=float, default=0.5, help="seconds between rounds")
+    p.add_argument("--nan", action="store_true")
+    p.add_argument("--client-mode", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args()
+    setup_logging(args.log_level)
+
+    if args.value is not None:
+        tensor = torch.full((args.size,), args.value)
+    else:
+        tensor = torch.randn(args.size, generator=torch.Generator().manual_seed(args.seed))
+    if args.nan:
+        tensor[::7] = float("nan")
+    dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
+              client_mode=args.client_mode)
+    averager = Averager([tensor], dht, "bench", target_group_size=args.group, min_group_size=args.min_group,
+                        compression=args.compression, bandwidth=args.bandwidth,
+                        matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout)
+    print(json.dumps({"peer_id": dht.peer_id, "addrs": dht.addrs}), flush=True)
+    if args.start_at < 0:
+        sys.stdin.readline()
+    time.sleep(max(0.0, args.start_at - time.time()))
+    for r in range(args.rounds):
+        t0 = time.time()
+        try:
+            res = averager.step(weight=args.weight)
+            line = {"round": r, "ok": res.ok, "group_size": res.group_size, "duration": res.duration,
+                    "bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received, "excluded": res.excluded,
+                    "repaired": res.repaired_parts, "reason": res.reason, "peers": res.peers}
+        except ValueError as e:
+            line = {"round": r, "ok": False, "error": str(e), "duration": time.time() - t0}
+        line["wall"] = time.time() - t0
+        print(json.dumps(line), flush=True)
+        if r + 1 < args.rounds:
+            time.sleep(args.pause)
+    if args.out:
+        torch.save(tensor, args.out)
+    print(json.dumps({"done": True}), flush=True)
+    averager.shutdown()
+    dht.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""All-reduce with real processes: exact means, weights, compression bounds, NaN senders, and peers that die."""
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from dht import DHT
+from tests.avg_group import go, start_peers, stop
+
+
+@pytest.fixture(scope="module")
+def bootstrap():
+    dht = DHT()
+    yield dht.addrs[0]
+    dht.shutdown()
+
+
+def run_group(bootstrap, tmp_path, specs, timeout=90):
+    peers = start_peers(bootstrap, tmp_path, specs)
+    try:
+        go(peers)
+        return [p.results(timeout) for p in peers], [p.tensor() for p in peers]
+    finally:
+        stop(peers)
+
+
+@pytest.mark.parametrize("n, size", [(2, 1000), (3, 100_003), (5, 77_777)])
+def test_exact_weighted_mean(bootstrap, tmp_path, n, size):
+    values = [float(3 * i - 2) for i in range(n)]
+    weights = [float(i + 1) for i in range(n)]
+    specs = [dict(size=size, value=v, weight=w, group=n, matchmaking_time=3) for v, w in zip(values, weights)]
+    results, tensors = run_group(bootstrap, tmp_path, specs)
+    expected = sum(v * w for v, w in zip(values, weights)) / sum(weights)
+    for res in results:
+        assert res[0]["ok"], res
+        assert res[0]["group_size"] == n
+    for t in tensors:
+        assert torch.allclose(t, torch.full_like(t, expected), atol=1e-5)
+        assert torch.equal(t, tensors[0])  # bit-identical on every member
+
+
+@pytest.mark.slow
+def test_eight_peers_random_tensors(bootstrap, tmp_path):
+    n, size = 8, 50_001
+    specs = [dict(size=size, seed=i, group=n, matchmaking_time=4) for i in range(n)]
+    results, tensors = run_group(bootstrap, tmp_path, specs, timeout=120)
+    expected = torch.stack([torch.randn(size, generator=torch.Generator().manual_seed(i)) for i in range(n)]).mean(0)
+    assert all(r[0]["ok"] and r[0]["group_size"] == n for r in results), results
+    for t in tensors:
+        assert torch.allclose(t, expected, atol=1e-5)
+        assert torch.equal(t, tensors[0])
+
+
+@pytest.mark.parametrize("compression, tol", [("fp16", 2e-3), ("int8", 0.05)])
+def test_compression_error_bounds(bootstrap, tmp_path, compression, tol):
+    n, size = 3, 200_000
+    specs = [dict(size=size, seed=10 + i, group=n, compression=compression, matchmaking_time=3) for i in range(n)]
+    results, tensors = run_group(bootstrap, tmp_path, specs)
+    expected = torch.stack([torch.randn(size, generator=torch.Generator().manual_seed(10 + i))
+                            for i in range(n)]).mean(0)
+    assert all(r[0]["ok"] for r in results), results
+    for t in tensors:
+        err = (t - expected).abs().max().item()
+        assert err <= tol, f"{compression}: max abs error {err}"
+        assert torch.equal(t, tensors[0])
+
+
+def test_nan_contributor_is_excluded(bootstrap, tmp_path):
+    specs = [dict(size=30_000, value=1.0, group=3, matchmaking_time=3),
+             dict(size=30_000, value=3.0, group=3, matchmaking_time=3),
+             dict(size=30_000, value=100.0, group=3, matchmaking_time=3, nan=True)]
+    results, tensors = run_group(bootstrap, tmp_path, specs)
+    # the NaN peer refuses to contribute its own broken tensors; the others average without it
+    assert "NaN" in results[2][0].get("error", "")
+    for res, t in zip(results[:2], tensors[:2]):
+        assert res[0]["ok"], res
+        assert torch.all(t == 2.0)
+        assert not torch.isnan(t).any()
+
+
+def test_shape_mismatch_is_a_clear_error(bootstrap, tmp_path):
+    specs = [dict(size=1000, value=1.0, group=2, min_group=2, matchmaking_time=2),
+             dict(size=1001, value=1.0, group=2, min_group=2, matchmaking_time=2)]
+    results, tensors = run_group(bootstrap, tmp_path, specs)
+    assert not any(r[0]["ok"] for r in results)
+    assert any("tensors differ" in (r[0].get("error", "") + r[0].get("reason", "")) for r in results), results
+    assert torch.all(tensors[0] == 1.0) and torch.all(tensors[1] == 1.0)
+
+
+def _check_survivors(results, tensors, values, victim):
+    survivors = [i for i in range(len(values)) if i != victim]
+    allowed = [sum(values[i] for i in survivors) / len(survivors), sum(values) / len(values)]
+    oks = [i for i in survivors if results[i][0]["ok"]]
+    for i in survivors:
+        t, r = tensors[i], results[i][0]
+        if r["ok"]:
+            # every element averaged (never left at the local value) ...
+            close = torch.zeros_like(t, dtype=torch.bool)
+            for a in allowed:
+                close |= (t - a).abs() < 1e-4
+            assert close.all(), f"peer {i}: elements not averaged: {t[~close][:5]}"
+        else:
+            assert torch.all(t == values[i]), f"peer {i} failed but changed its tensors"
+    for i in oks:  # ... and bit-identical on every survivor that finished
+        assert torch.equal(tensors[i], tensors[oks[0]])
+    return len(oks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_member_dies_at_random_moments(bootstrap, tmp_path, sig):
+    trials = int(os.environ.get("SWARMTRAIN_FAULT_TRIALS", "10"))
+    rng = random.Random(sig)
+    n, size, chunk_timeout = 4, 2_000_000, 2.0
+    values = [1.0, 2.0, 4.0, 8.0]
+    finished_ok = 0
+    for trial in range(trials):
+        tmp = tmp_path / f"t{trial}"
+        tmp.mkdir()
+        specs = [dict(size=size, value=v, group=n, matchmaking_time=2, chunk_timeout=chunk_timeout) for v in values]
+        peers = start_peers(bootstrap, tmp, specs)
+        victim = rng.randrange(n)
+        try:
+            t0 = go(peers)
+            time.sleep(rng.uniform(1.5, 3.5))  # matchmaking takes ~2 s; the transfer follows
+            os.kill(peers[victim].proc.pid, sig)
+            killed_at = time.monotonic()
+            results, tensors = [None] * n, [None] * n
+            for i, p in enumerate(peers):
+                if i != victim:
+                    results[i] = p.results(timeout=60)
+                    tensors[i] = p.tensor()
+            waited = time.monotonic() - killed_at
+            assert waited < 4 * chunk_timeout + 10, f"survivors took {waited:.1f}s after the fault"
+            for i in range(n):
+                if i != victim:
+                    assert results[i][0]["wall"] < 40, results[i]
+            finished_ok += _check_survivors(results, tensors, values, victim) > 0
+        finally:
+            if sig == signal.SIGSTOP:
+                os.kill(peers[victim].proc.pid, signal.SIGCONT)
+            stop(peers)
+    assert finished_ok >= trials // 2, f"only {finished_ok}/{trials} trials averaged at all"
