@@ -171,7 +171,9 @@ class Uint8BlockwiseCompression(Compression):
     Wire layout for ``n`` elements in ``b = ceil(n / block_size)`` blocks:
     ``center: float32[b] | step: float32[b] | codes: uint8[n]`` -> ``8 * b + n`` bytes.
     Non-finite input raises ValueError; a header with non-finite values raises ValueError on decompression.
-    Work is done slab by slab (``slab_elems``, rounded to whole blocks) so float temporaries stay in cache.
+    Decoding uses only separately rounded IEEE operations (no fused multiply-add), so every peer decodes the same
+    bytes to the same bits. Work is done slab by slab (``slab_elems``, rounded to whole blocks) so float
+    temporaries stay in cache; ``slab_elems`` does not affect the wire format.
     """
 
     block_size: int = 4096

@@ -335,6 +335,9 @@ async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_
     its donors fail), fetches ranges of about ``chunk_bytes`` from up to ``max_donors`` donors in parallel,
     verifies every piece and decodes the result. Raises :class:`StateDownloadError` if state was announced
     but no verified copy arrived within ``timeout`` seconds.
+
+    :param stall_timeout: a donor that sends nothing for this long is dropped and its range re-assigned.
+    :param max_nbytes: offers of bigger states are ignored (the whole state is held in memory).
     """
     if max_donors < 1 or chunk_bytes < 1:
         raise ValueError("max_donors and chunk_bytes must be >= 1")

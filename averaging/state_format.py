@@ -5,7 +5,7 @@ so decoding validates everything and never executes anything)::
 
     b"STST" | header length (4 bytes, big-endian)
     | msgpack {"v": 1, "metadata": {..., "step": int}, "tensors": [[dtype name, shape], ...]}
-    | each tensor's raw bytes (C order, native little-endian), every tensor starting at a multiple of 64 bytes
+    | each tensor's raw bytes (C order, little-endian as on every host we run), each starting at a multiple of 64
 
 Offsets are not stored: they follow from the shapes, and the blob must end exactly after the last tensor.
 A blob is hashed in pieces of ``piece_bytes``; its digest (:func:`state_digest`) is the SHA-256 of the
@@ -108,7 +108,7 @@ def decode_state(blob: bytearray | bytes | memoryview) -> tuple[dict, list[torch
     check_step(metadata)
     specs = []
     for i, spec in enumerate(header["tensors"]):
-        if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in _DTYPES and isinstance(spec[1], list)
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and spec[0] in _DTYPES and isinstance(spec[1], list)
                 and len(spec[1]) <= MAX_NDIM and all(type(n) is int and 0 <= n < 1 << 48 for n in spec[1])):
             raise StateFormatError(f"tensor {i}: bad spec {spec!r:.100} (want [dtype, [dims >= 0]])")
         specs.append((_DTYPES[spec[0]], tuple(spec[1])))
