@@ -1,6 +1,7 @@
 """averaging — matchmaking through the DHT, butterfly all-reduce with repair, gossip, compression,
 robust aggregation, state download."""
 from .averager import Averager, StepResult
+from .gossip import Gossip
 from .matchmaking import MatchmakingFailed
 
-__all__ = ["Averager", "StepResult", "MatchmakingFailed"]
+__all__ = ["Averager", "Gossip", "StepResult", "MatchmakingFailed"]

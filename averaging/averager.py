@@ -113,12 +113,16 @@ class Averager:
         """Average the tensors with a group (blocking). See :meth:`astep`."""
         return self.node.run(self.astep, weight, timeout)
 
-    async def astep(self, weight: float = 1.0, timeout: float | None = None) -> StepResult:
+    async def astep(self, weight: float = 1.0, timeout: float | None = None, *, group_key: str | None = None,
+                    group_size: int | None = None, as_delta: bool = False) -> StepResult:
         """One round: find a group, all-reduce, write the weighted mean into the tensors.
 
         :param weight: this peer's weight in the mean (e.g. its number of samples since the last step).
         :param timeout: overall deadline; None means matchmaking time plus the data transfer at the
             declared bandwidth plus a few chunk deadlines.
+        :param group_key, group_size: meet under another DHT key / in groups of another size (gossip).
+        :param as_delta: add ``mean - snapshot`` to the tensors instead of overwriting them, so updates
+            made to the tensors while the round ran (a training thread) are kept.
         """
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be a positive finite number, got {weight!r}")
@@ -133,7 +137,7 @@ class Averager:
             round_ = None
             with trio.move_on_after(budget) as scope:
                 try:
-                    round_id, members = await self.matchmaker.form_group(self.group_key())
+                    round_id, members = await self.matchmaker.form_group(group_key or self.group_key(), group_size)
                 except MatchmakingFailed as e:
                     result.reason = f"matchmaking failed: {e}"
                     return self._finish(result, started)
@@ -151,7 +155,13 @@ class Averager:
                 result.ok, result.reason = False, f"round did not finish within {budget:.1f}s"
             elif not result.ok:
                 result.reason = "some parts could not be averaged or repaired"
-            if result.ok:
+            if result.ok and as_delta:
+                delta = self.result - self.buffer.buffer
+                for i, tensor in enumerate(self.buffer.tensors):
+                    a, b = self.buffer.offsets[i], self.buffer.offsets[i + 1]
+                    with torch.no_grad():
+                        tensor.add_(delta[a:b].view(tensor.shape).to(tensor.device, tensor.dtype))
+            elif result.ok:
                 self.buffer.buffer.copy_(self.result)
                 self.buffer.store_to_tensors()
             return self._finish(result, started)
@@ -166,7 +176,8 @@ class Averager:
 
     def _finish(self, result: StepResult, started: float) -> StepResult:
         result.duration = trio.current_time() - started
-        log = logger.info if result.ok else logger.warning
+        routine = result.ok or result.reason.startswith("matchmaking failed")  # nobody around: not alarming
+        log = logger.info if routine else logger.warning
         log("Averaging step %d: %s with %d peers in %.2fs%s", self.steps, "ok" if result.ok else "FAILED",
             result.group_size, result.duration, f" ({result.reason})" if result.reason else "")
         return result

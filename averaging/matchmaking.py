@@ -4,9 +4,11 @@
    own peer ID as sub-key (owner-signed, so nobody can announce for someone else), expiring shortly.
 2. **Gather candidates.** Poll the key (latest values) until ``target_group_size`` peers are there or
    ``matchmaking_time`` has passed.
-3. **Split deterministically.** Sort the candidates by announce time (then peer ID) and cut them into
-   groups of at most ``target_group_size``; every peer computes the same split from the same view.
-   A group's *leader* is its first non-client member.
+3. **Split deterministically.** Shuffle the candidates by a hash of their peer ID seeded with the
+   earliest announce time among them, and cut them into groups of at most ``target_group_size``;
+   every peer computes the same split from the same view, and partners change from round to round
+   (which is what makes repeated small-group rounds mix the whole swarm). A group's *leader* is its
+   first non-client member.
 4. **Join.** The leader accepts joins for its group; followers call ``join`` on their leader, which
    answers once the group is complete or the join window closes, with the final member list — the
    leader's list is the single source of truth, so differing DHT views cannot split a group. A peer
@@ -19,6 +21,7 @@ round that cannot form a group of at least ``min_group_size`` fails with :class:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -66,10 +69,13 @@ class Matchmaker:
         self.following: str | None = None
         self.decided = trio.Event()
         self.rtt = 0.05  # seconds; refined from measured join round trips
+        self.group_size = averager.target_group_size
 
     # ------------------------------------------------------------------ one matchmaking attempt
-    async def form_group(self, group_key: str) -> tuple[str, list[Member]]:
+    async def form_group(self, group_key: str, group_size: int | None = None) -> tuple[str, list[Member]]:
+        """Run steps 1-5 of the module docstring under ``group_key``; returns (round id, members)."""
         av = self.av
+        self.group_size = group_size or av.target_group_size
         self.gathering, self.following, self.decided = None, None, trio.Event()
         me = Member(av.peer_id, av.bandwidth, av.client_mode)
         announced_at = get_dht_time()
@@ -100,7 +106,7 @@ class Matchmaker:
         while True:
             found = await av.dht.aget(group_key, latest=True)
             candidates = self._parse(found, announced_at)
-            if len(candidates) >= av.target_group_size or trio.current_time() >= deadline:
+            if len(candidates) >= self.group_size or trio.current_time() >= deadline:
                 return candidates
             await trio.sleep(min(max(10 * self.rtt, 0.05), 0.5, max(deadline - trio.current_time(), 0)))
 
@@ -122,10 +128,12 @@ class Matchmaker:
         return sorted(out)
 
     def _my_group(self, candidates: list[tuple[float, str, Member]]) -> list[Member]:
-        n, size = len(candidates), self.av.target_group_size
+        n, size = len(candidates), self.group_size
         n_groups = max(1, -(-n // size))
         bounds = [round(i * n / n_groups) for i in range(n_groups + 1)]
-        members = [m for _, _, m in candidates]
+        seed = repr(min(t for t, _, _ in candidates)).encode()
+        ranked = sorted(candidates, key=lambda c: hashlib.sha256(seed + c[1].encode()).digest())
+        members = [m for _, _, m in ranked]
         for a, b in zip(bounds, bounds[1:]):
             if any(m.peer_id == self.av.peer_id for m in members[a:b]):
                 return members[a:b]
@@ -136,7 +144,7 @@ class Matchmaker:
         me = next(m for m in group if m.peer_id == av.peer_id)
         window = av.matchmaking_time + 10 * self.rtt
         g = Gathering(round_id=f"{av.prefix}|{av.peer_id[-12:]}|{os.urandom(6).hex()}",
-                      expected={m.peer_id for m in group}, members=[me], capacity=av.target_group_size,
+                      expected={m.peer_id for m in group}, members=[me], capacity=self.group_size,
                       deadline=trio.current_time() + window)
         self.gathering = g
         self.decided.set()

@@ -146,13 +146,14 @@ class RPCServer:
             return False
         except StreamAborted as e:
             self.calls_failed += 1
-            logger.info("%s.%s: caller %s went away: %s", self.service, method, peer[-8:], e)
+            logger.info("%s.%s from %s: stream aborted: %s", self.service, method, peer[-8:], e)
+            await self._reply_error(stream, e)  # maybe another stream of the handler's broke; a no-op if ours did
             return False
         except Exception as e:
             self.calls_failed += 1
-            level = logging.INFO if isinstance(e, (ValueError, KeyError, TypeError, P2PError)) else logging.WARNING
-            logger.log(level, "%s.%s from %s failed: %s: %s", self.service, method, peer[-8:], type(e).__name__, e,
-                       exc_info=level == logging.WARNING and logger.isEnabledFor(logging.DEBUG))
+            # the caller receives the error; here one INFO line (with the traceback at DEBUG)
+            logger.info("%s.%s from %s failed: %s: %s", self.service, method, peer[-8:], type(e).__name__, e,
+                        exc_info=logger.isEnabledFor(logging.DEBUG))
             await self._reply_error(stream, e)
             return False  # a failed handler may have left frames unread: never reuse its stream
         finally:
@@ -223,7 +224,7 @@ class StreamPool:
     A stream goes back to the pool only after a clean ``["ok"|"err", ...]`` reply; any failure or
     cancellation resets it instead. Streams idle longer than ``max_idle`` (well under the servers'
     ``idle_timeout``) are closed rather than reused, so a reused stream is almost never one the server
-    has just dropped; if it is, the write fails before the server saw anything and we retry once.
+    has just dropped; if it is, the stream fails before the server saw anything and we retry once.
     """
 
     def __init__(self, max_idle: float = 20.0, max_per_peer: int = 8):
@@ -272,11 +273,13 @@ async def call(node: "Node", peer_id: str, service: str, method: str, args: Any 
             try:
                 try:
                     await stream.write_frame(MSG, request)
+                    reply = await read_reply(stream, method)
                 except StreamAborted:
-                    if reused:
-                        continue  # the pooled stream had died; nothing reached the server
+                    if reused:  # the server had ended this pooled stream (idle, restarted) before reading our request
+                        with trio.CancelScope(shield=True):
+                            await stream.reset()
+                        continue
                     raise
-                reply = await read_reply(stream, method)
             except RemoteError:
                 await stream.close()  # the server may have ended this stream after the error; do not reuse it
                 raise
