@@ -142,6 +142,9 @@ class Node:
         """Cancel every task of this node, close all connections and join the thread (idempotent)."""
         if self._thread is None or self._stopped.is_set():
             return
+        if threading.current_thread() is self._thread:  # from a task of this node: ask the loop to stop, do not join
+            self._stop_requested.set()
+            return
         try:
             trio.from_thread.run_sync(self._stop_requested.set, trio_token=self._token)
         except (trio.RunFinishedError, RuntimeError):
@@ -277,7 +280,7 @@ class Node:
             return trio.from_thread.run(async_fn, *args, trio_token=self._token)
         except trio.TooSlowError:
             raise P2PTimeout(f"{getattr(inner, '__name__', 'call')} took longer than {timeout}s") from None
-        except trio.RunFinishedError:
+        except (trio.RunFinishedError, trio.Cancelled):  # Cancelled: stop() cancelled the call in the loop
             raise P2PError("node stopped while the call was running") from None
 
     def run_sync_soon(self, fn: Callable[..., Any], *args: Any) -> None:
