@@ -35,6 +35,11 @@ from .validation import CompositeValidator, OwnerSignatureValidator, RecordValid
 
 logger = logging.getLogger(__name__)
 
+#: Key lookups one store_many/republish call runs at once. Each keeps up to num_replicas requests in flight;
+#: unbounded, a node republishing hundreds of records floods its peers until their answers time out and
+#: records land on fewer replicas.
+MAX_PARALLEL_LOOKUPS = 4
+
 
 class DHTBootstrapError(P2PError):
     """None of the initial peers could be reached."""
@@ -100,9 +105,12 @@ class DHT:
             try:
                 peer_id = await self.node.connect(maddr, timeout=self.config.rpc_timeout * 2)
                 peer = PeerInfo(DHTID.from_peer_id(peer_id), peer_id, (maddr,))
-                if await self.protocol.ping(peer) is not None:
-                    self.protocol.observe(peer)
-                    reached.append(maddr)
+                for _attempt in range(2):  # a busy initial peer (a swarm starting at once) may miss one deadline
+                    if await self.protocol.ping(peer) is not None:
+                        self.protocol.observe(peer)
+                        reached.append(maddr)
+                        return
+                logger.warning("Initial peer %s did not answer a ping", maddr)
             except (P2PError, ValueError) as e:
                 logger.warning("Initial peer %s is unreachable: %s", maddr, e)
 
@@ -157,12 +165,19 @@ class DHT:
                     self._owned[(record.key_id, record.subkey)] = record
         batches: dict[str, tuple[PeerInfo, list[int]]] = {}
 
+        lookups = trio.CapacityLimiter(MAX_PARALLEL_LOOKUPS)
+
         async def locate(key_id: DHTID, indices: list[int]) -> None:
-            found = await lookup(self.protocol, key_id, want_values=False)
+            async with lookups:
+                found = await lookup(self.protocol, key_id, want_values=False, count=self.config.num_replicas)
             targets = found.nearest[: self.config.num_replicas]
             if self._is_replica(key_id, targets):
                 for i in indices:
                     accepted[i] |= self.protocol.accept(records[i])[0]
+                # we are one of the num_replicas nearest nodes: the replica set is the same whoever writes,
+                # so a write from inside it must not spill onto the next-nearest node (where an older value
+                # could then win a get)
+                targets = targets[: self.config.num_replicas - 1]
             for peer in targets:
                 batches.setdefault(peer.peer_id, (peer, []))[1].extend(indices)
 
@@ -214,7 +229,8 @@ class DHT:
         for record in (local.values() if isinstance(local, dict) else [local] if local else []):
             merged.store(record)
         if local is None or latest:
-            found = await lookup(self.protocol, key_id, want_values=True, stop_on_value=not latest)
+            found = await lookup(self.protocol, key_id, want_values=True, stop_on_value=not latest,
+                                 count=self.config.num_replicas)
             for record in found.records:
                 merged.store(record)
             if self.config.cache_on_get and found.records:

@@ -20,6 +20,8 @@ from typing import Any
 import trio
 
 from p2p import Node, P2PError, ServiceLimits
+from p2p.errors import RemoteError
+from p2p.node import ADDR_TTL
 from p2p.rpc import CallContext
 
 from .config import DHTConfig
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 SERVICE = "dht"
 PROTOCOL_VERSION = "swarmtrain-dht/1"
 MAX_ADDRS = 8
+MAX_REMEMBERED_ADDRS = 10_000  # peers whose addresses we skip re-parsing (cleared past this)
 
 
 def parse_peer(item: Any) -> PeerInfo | None:
@@ -60,6 +63,10 @@ class DHTProtocol:
         self.config, self.client_mode = config, client_mode
         self.node_id = routing.node_id
         self._checking: set[int] = set()
+        # peer_id -> (addrs, trio time) last given to the peerstore: parsing multiaddrs costs ~0.1 ms each,
+        # so unchanged addresses are re-added only when half their peerstore TTL has passed.
+        self._addrs_given: dict[str, tuple[tuple[str, ...], float]] = {}
+        self._sender_info: dict | None = None
         if not client_mode:
             node.serve(SERVICE, {"ping": self._rpc_ping, "store": self._rpc_store, "find": self._rpc_find,
                                  "peers": self._rpc_peers},
@@ -131,7 +138,7 @@ class DHTProtocol:
         """Kademlia's bucket update on contact; if the bucket is full, ping its least-recently-seen peer."""
         if peer.node_id == self.node_id:
             return
-        self.node.add_addrs(peer.peer_id, peer.addrs)
+        self._give_addrs(peer)
         stale = self.routing.add_or_update(peer)
         if stale is not None and stale.node_id not in self._checking:
             self._checking.add(stale.node_id)
@@ -144,23 +151,44 @@ class DHTProtocol:
         finally:
             self._checking.discard(stale.node_id)
 
+    def _give_addrs(self, peer: PeerInfo) -> None:
+        """Tell the peerstore where ``peer`` is, unless it was told the same addresses recently."""
+        if not peer.addrs:
+            return
+        now = trio.current_time()
+        given = self._addrs_given.get(peer.peer_id)
+        if given is not None and given[0] == peer.addrs and now - given[1] < ADDR_TTL / 2:
+            return
+        if len(self._addrs_given) >= MAX_REMEMBERED_ADDRS:
+            self._addrs_given.clear()
+        self.node.add_addrs(peer.peer_id, peer.addrs)
+        self._addrs_given[peer.peer_id] = (peer.addrs, now)
+
     def forget(self, peer: PeerInfo, error: BaseException) -> None:
         logger.debug("DHT peer %s failed (%s); removing it from the routing table", peer.peer_id[-8:], error)
         self.routing.remove(peer.node_id)
         self.node.rpc_pool.drop_peer(peer.peer_id)
+        self._addrs_given.pop(peer.peer_id, None)
 
     # ------------------------------------------------------------------ client side
     def sender_info(self) -> dict:
-        return {"addrs": self.node.addrs, "client": self.client_mode}
+        """What every request says about us: our addresses (listen addresses do not change once the node
+        runs, so they are computed once) and whether we are a client."""
+        if self._sender_info is None or not self._sender_info["addrs"] and not self.client_mode:
+            self._sender_info = {"addrs": self.node.addrs, "client": self.client_mode}
+        return self._sender_info
 
     async def _call(self, peer: PeerInfo, method: str, args: dict) -> Any:
-        """One request; on a network failure the peer leaves the routing table and None is returned."""
+        """One request; None if it failed. A peer that did not answer leaves the routing table; one that
+        answered with an error (busy, refused the request) is alive and stays."""
         args["sender"] = self.sender_info()
         try:
-            if peer.addrs:
-                self.node.add_addrs(peer.peer_id, peer.addrs)
+            self._give_addrs(peer)
             result = await self.node.call(peer.peer_id, SERVICE, method, args, timeout=self.config.rpc_timeout,
                                           max_message_bytes=16 << 20)
+        except RemoteError as e:
+            logger.debug("DHT peer %s answered %s with an error: %s", peer.peer_id[-8:], method, e)
+            return None
         except P2PError as e:
             self.forget(peer, e)
             return None
