@@ -126,8 +126,10 @@ class AllReduceRound:
         for sender in reducer.active_senders:
             if sender not in started:
                 reducer.exclude(sender)
+        # wait for every sender's end mark, not just for its data: a sender whose chunks are all in but
+        # whose END frame is still in flight has not finished, and must not be excluded for it
         with trio.move_on_after(deadline_senders):
-            while not reducer.is_complete():
+            while not (reducer.active_senders and reducer.finished_senders >= set(reducer.active_senders)):
                 await self._wait_progress(part)
         for sender in reducer.active_senders:
             if sender not in reducer.finished_senders:

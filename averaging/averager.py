@@ -48,6 +48,9 @@ class StepResult:
     excluded: list[str] = field(default_factory=list)
     repaired_parts: list[int] = field(default_factory=list)
     reason: str = ""
+    #: seconds spent finding the group, and in the all-reduce proper (data transfer, reduce, repair)
+    matchmaking_s: float = 0.0
+    allreduce_s: float = 0.0
 
 
 class Averager:
@@ -141,12 +144,15 @@ class Averager:
                 except MatchmakingFailed as e:
                     result.reason = f"matchmaking failed: {e}"
                     return self._finish(result, started)
+                group_formed = trio.current_time()
+                result.matchmaking_s = group_formed - started
                 round_ = AllReduceRound(self, round_id, members, float(weight), self.compression, self.chunk_elems,
                                         self.chunk_timeout)
                 self.rounds[round_id] = round_
                 self._registered.setdefault(round_id, trio.Event()).set()
                 result.ok = await round_.run()
             if round_ is not None:
+                result.allreduce_s = trio.current_time() - group_formed
                 result.group_size, result.peers = len(round_.members), list(round_.peer_ids)
                 result.bytes_sent, result.bytes_received = round_.stats.bytes_sent, round_.stats.bytes_received
                 result.excluded, result.repaired_parts = sorted(round_.stats.excluded), round_.stats.repaired_parts

@@ -108,8 +108,9 @@ def decode_state(blob: bytearray | bytes | memoryview) -> tuple[dict, list[torch
     check_step(metadata)
     specs = []
     for i, spec in enumerate(header["tensors"]):
-        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and spec[0] in _DTYPES and isinstance(spec[1], list)
-                and len(spec[1]) <= MAX_NDIM and all(type(n) is int and 0 <= n < 1 << 48 for n in spec[1])):
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and spec[0] in _DTYPES
+                and isinstance(spec[1], list) and len(spec[1]) <= MAX_NDIM
+                and all(type(n) is int and 0 <= n < 1 << 48 for n in spec[1])):
             raise StateFormatError(f"tensor {i}: bad spec {spec!r:.100} (want [dtype, [dims >= 0]])")
         specs.append((_DTYPES[spec[0]], tuple(spec[1])))
     offsets, total = _layout(header_bytes, specs)

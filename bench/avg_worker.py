@@ -67,6 +67,7 @@ def main() -> None:
         try:
             res = averager.step(weight=args.weight)
             line = {"round": r, "ok": res.ok, "group_size": res.group_size, "duration": res.duration,
+                    "matchmaking_s": res.matchmaking_s, "allreduce_s": res.allreduce_s,
                     "bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received, "excluded": res.excluded,
                     "repaired": res.repaired_parts, "reason": res.reason, "peers": res.peers}
         except ValueError as e:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,22 +16,29 @@ WORKER = str(Path(__file__).resolve().parent.parent / "bench" / "avg_worker.py")
 
 
 class Peer:
-    def __init__(self, proc: subprocess.Popen, out: str):
-        self.proc, self.out, self.lines = proc, out, []
-        self.info = self.read_line(90)
+    """A worker process; a reader thread turns its JSON stdout lines into a queue."""
+
+    def __init__(self, proc: subprocess.Popen, out: str, log_path: Path):
+        self.proc, self.out, self.log_path, self.lines = proc, out, log_path, []
+        self.info: dict = {}
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self._queue.put(json.loads(line))
+        self._queue.put(None)
 
     def read_line(self, timeout: float) -> dict:
-        import select
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"worker exited: {self.proc.stderr.read()[-3000:]}")
-                if line.startswith("{"):
-                    return json.loads(line)
-        raise TimeoutError("worker printed nothing in time")
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"worker printed nothing in {timeout}s") from None
+        if item is None:
+            self._queue.put(None)
+            raise RuntimeError(f"worker exited: {self.log()[-3000:]}")
+        return item
 
     def results(self, timeout: float) -> list[dict]:
         while True:
@@ -38,12 +47,19 @@ class Peer:
                 return self.lines
             self.lines.append(item)
 
+    def log(self) -> str:
+        """What the worker wrote to stderr (a file, so a chatty worker never blocks on a full pipe)."""
+        return self.log_path.read_text(errors="replace")
+
     def tensor(self) -> torch.Tensor:
         return torch.load(self.out)
 
 
 def start_peers(bootstrap: str, tmp: Path, specs: list[dict]) -> list[Peer]:
-    """Start one worker per spec (keyword flags of avg_worker.py); all wait on stdin for 'go'."""
+    """Start one worker per spec (keyword flags of avg_worker.py); all wait on stdin for 'go'.
+
+    All workers start at once (each spends seconds importing torch and libp2p), then we wait for
+    every one to print its peer info."""
     peers = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for i, spec in enumerate(specs):
@@ -55,9 +71,17 @@ def start_peers(bootstrap: str, tmp: Path, specs: list[dict]) -> list[Peer]:
                 args.append(flag)
             elif v is not False and v is not None:
                 args += [flag, str(v)]
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env)
-        peers.append(Peer(proc, out))
+        log_path = tmp / f"peer{i}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                    env=env)
+        peers.append(Peer(proc, out, log_path))
+    try:
+        for p in peers:
+            p.info = p.read_line(90)
+    except BaseException:
+        stop(peers)
+        raise
     return peers
 
 
@@ -73,7 +97,7 @@ def stop(peers: list[Peer]) -> None:
         if p.proc.poll() is None:
             p.proc.kill()
         p.proc.wait(10)
-        for stream in (p.proc.stdin, p.proc.stdout, p.proc.stderr):
+        for stream in (p.proc.stdin, p.proc.stdout):
             try:
                 stream.close()
             except Exception:

@@ -119,7 +119,7 @@ def _check_survivors(results, tensors, values, victim):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
-def test_member_dies_at_random_moments(bootstrap, tmp_path, sig):
+def test_member_dies_at_random_moments(tmp_path, sig):
     trials = int(os.environ.get("SWARMTRAIN_FAULT_TRIALS", "10"))
     rng = random.Random(sig)
     n, size, chunk_timeout = 4, 2_000_000, 2.0
@@ -129,7 +129,9 @@ def test_member_dies_at_random_moments(bootstrap, tmp_path, sig):
         tmp = tmp_path / f"t{trial}"
         tmp.mkdir()
         specs = [dict(size=size, value=v, group=n, matchmaking_time=2, chunk_timeout=chunk_timeout) for v in values]
-        peers = start_peers(bootstrap, tmp, specs)
+        # a fresh bootstrap per trial: the dead peers of earlier trials must not slow later joins
+        bootstrap = DHT()
+        peers = start_peers(bootstrap.addrs[0], tmp, specs)
         victim = rng.randrange(n)
         try:
             t0 = go(peers)
@@ -151,4 +153,5 @@ def test_member_dies_at_random_moments(bootstrap, tmp_path, sig):
             if sig == signal.SIGSTOP:
                 os.kill(peers[victim].proc.pid, signal.SIGCONT)
             stop(peers)
+            bootstrap.shutdown()
     assert finished_ok >= trials // 2, f"only {finished_ok}/{trials} trials averaged at all"

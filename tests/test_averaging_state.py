@@ -255,7 +255,7 @@ def test_download_from_three_donors_gives_their_exact_state(client, donors, capl
 def test_nothing_announced_returns_none_quickly(client):
     started = time.monotonic()
     assert download_state(client, "nothing-here", timeout=30) is None
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10  # one DHT lookup (milliseconds when idle), not the timeout
 
 
 @pytest.mark.slow
@@ -296,7 +296,7 @@ def test_download_completes_when_a_donor_is_killed_mid_transfer(client, donors, 
     thread = threading.Thread(target=download)
     thread.start()
     deadline = time.monotonic() + 30
-    while "served bytes" not in victim.log():
+    while "State slow: served bytes" not in victim.log():  # its log also holds ranges of earlier tests
         assert time.monotonic() < deadline and thread.is_alive(), "the victim never served a range"
         time.sleep(0.02)
     victim.proc.kill()  # SIGKILL while it serves its next range
