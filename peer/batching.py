@@ -47,8 +47,10 @@ class _Request:
         return self.x.shape[0]
 
     def compatible(self, other: "_Request") -> bool:
-        same_grad = self.grad is None or self.grad.shape[1:] == other.grad.shape[1:]
-        return self.kind == other.kind and self.x.shape[1:] == other.x.shape[1:] and same_grad
+        """Same kind and trailing shapes, so the two can be concatenated into one batch."""
+        if self.kind != other.kind or self.x.shape[1:] != other.x.shape[1:]:
+            return False
+        return self.grad is None or other.grad is None or self.grad.shape[1:] == other.grad.shape[1:]
 
     def finish(self, result: torch.Tensor | None = None, error: BaseException | None = None) -> None:
         if not self.done.is_set():

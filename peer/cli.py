@@ -44,9 +44,56 @@ def build_parser() -> argparse.ArgumentParser:
                           "this peer only calls others and is never in their routing tables")
     net.add_argument("--swarm", default="default",
                      help="swarm name; peers of different swarms ignore each other (default: %(default)s)")
+    experts = p.add_argument_group("hosting experts")
+    experts.add_argument("--experts", type=int, default=0, metavar="N",
+                         help="host N experts of the model's grids (the least-hosted ones) on this machine")
+    experts.add_argument("--expert-type", default="ffn", help="expert architecture: ffn (default) or transformer")
+    experts.add_argument("--device", default=None,
+                         help="where experts run: cuda, mps or cpu (default: the best available)")
+    experts.add_argument("--expert-checkpoint-dir", default=None, metavar="DIR",
+                         help="save hosted experts' weights and optimizer state here, and reload them on restart")
+    train = p.add_argument_group("training")
+    train.add_argument("--train", action="store_true", help="train the model with the swarm on local data")
+    train.add_argument("--model", default="tiny", choices=["tiny", "small"], help="model size preset (default: tiny)")
+    train.add_argument("--data", default=None, metavar="PATH",
+                       help="a text file or a folder of .txt files (default: the embedded corpus)")
+    train.add_argument("--sync", default="diloco", choices=["diloco", "grad"],
+                       help="diloco: average pseudo-gradients every --local-steps steps (default); "
+                            "grad: average gradients every step")
+    train.add_argument("--local-steps", type=int, default=20, help="DiLoCo inner steps per averaging round")
+    train.add_argument("--batch-size", type=int, default=8, help="sequences per local step")
+    train.add_argument("--max-samples", type=int, default=None, help="stop after this many local samples")
+    train.add_argument("--shard", default="0/1", metavar="I/N",
+                       help="train on shard I of N of the data (give each trainer its own)")
+    train.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                       help="save the trainer's state here periodically and on exit; resume from it")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON file of flag values (keys as flag names without dashes, e.g. "
+                        "initial_peers); flags given on the command line win")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="how much to log (default: %(default)s)")
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse flags, with defaults taken from ``--config FILE`` when given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            parser.error(f"--config {args.config}: expected a mapping of flag names to values")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"--config {args.config}: unknown keys {unknown}")
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -58,6 +105,14 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ValueError(f"--initial-peers {addr}: the address must end with /p2p/<peer-id>")
     if not args.swarm or "/" in args.swarm:
         raise ValueError(f"--swarm {args.swarm!r}: use a non-empty name without '/'")
+    if args.experts < 0:
+        raise ValueError("--experts must be >= 0")
+    try:
+        shard, num_shards = (int(x) for x in args.shard.split("/"))
+        assert 0 <= shard < num_shards
+    except (ValueError, AssertionError):
+        raise ValueError(f"--shard {args.shard!r}: use I/N with 0 <= I < N") from None
+    args.shard, args.num_shards = shard, num_shards
 
 
 def join_command(addrs: Sequence[str], swarm: str) -> str:
@@ -66,9 +121,49 @@ def join_command(addrs: Sequence[str], swarm: str) -> str:
     return cmd if swarm == "default" else f"{cmd} --swarm {swarm}"
 
 
+def run_roles(dht, args: argparse.Namespace) -> int:
+    """Host experts and/or train as the flags say; otherwise just serve the DHT until interrupted."""
+    from .model import ModelConfig
+
+    metrics = None
+    if args.metrics_port:
+        from .roles import Metrics
+        metrics = Metrics(args.metrics_port)
+    server = trainer = None
+    try:
+        model_config = ModelConfig.preset(args.model, expert_type=args.expert_type)
+        if args.experts:
+            from .roles import choose_uids
+            from .server import ExpertServer, create_experts
+            uids = choose_uids(dht, model_config, args.experts)
+            server = ExpertServer(dht, create_experts(args.expert_type, uids, model_config.n_embd, device=args.device),
+                                  checkpoint_dir=args.expert_checkpoint_dir)
+            logger.info("Hosting %d experts: %s", len(uids), " ".join(uids))
+            if metrics:
+                metrics.experts_hosted.set(len(uids))
+        if args.train:
+            from .trainer import TrainConfig, Trainer
+            trainer = Trainer(dht, TrainConfig(model=args.model, batch_size=args.batch_size, sync=args.sync,
+                                               local_steps=args.local_steps, max_samples=args.max_samples,
+                                               data=args.data, shard=args.shard, num_shards=args.num_shards,
+                                               checkpoint_dir=args.checkpoint_dir), model_config=model_config)
+            from .status import StatusLine
+            with StatusLine(trainer, metrics) as status:
+                trainer.run(on_step=status.update)
+            return 0
+        while True:
+            time.sleep(5)
+            if metrics:
+                metrics.peers.set(len(dht.routing))
+    finally:
+        if trainer is not None:
+            trainer.shutdown()
+        if server is not None:
+            server.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     setup_logging(args.log_level)
     try:
         check_args(args)
@@ -87,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("All addresses of this peer: " + " ".join(dht.addrs), flush=True)
         else:
             print(f"Joined swarm {args.swarm!r} in client mode as {dht.peer_id}", flush=True)
-        while True:
-            time.sleep(3600)
+        return run_roles(dht, args)
     except KeyboardInterrupt:
         logger.info("Shutting down")
         return 0

@@ -211,6 +211,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.last_failures: list[str] = []
+        self.last_used_uids: list[str] = []  # experts called by the last forward pass (for status lines)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +221,7 @@ class RemoteMixtureOfExperts(nn.Module):
         scores = self.gate(x)
         coords, found = beam_search_coords(scores, self.k_best, self._is_alive, self.prefix, self.beam_size)
         jobs = self._make_jobs(x, coords, found)
+        self.last_used_uids = [job.uid for job in jobs]
         self.last_failures = []
         outputs, answered = _MoEFunction.apply(_DUMMY, x, self, jobs, self.k_best)
         found = found.to(x.device)

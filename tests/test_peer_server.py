@@ -149,6 +149,34 @@ def test_batcher_batches_requests_and_isolates_a_bad_one():
     assert stats["batches"] == 3 and backend.update_count == 1  # one failed batch of 2, then each alone
 
 
+def test_batcher_keeps_forward_and_backward_requests_apart():
+    """A backward queued next to forwards (as a training swarm does) starts its own batch, never crashes."""
+    import trio
+    backend = create_experts("ffn", ["ffn.0.0"], HIDDEN, seed=0)["ffn.0.0"]
+    stats = {"batches": 0, "rows": 0, "compute_s": 0.0}
+    x = torch.randn(4, HIDDEN)
+    results = {}
+
+    async def main():
+        batcher = ExpertBatcher(backend, 64, 0.2, trio.CapacityLimiter(1), stats)
+
+        async def one(name, kind, grad=None):
+            results[name] = await batcher.submit(kind, x, grad)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(batcher.run)
+                async with trio.open_nursery() as requests:
+                    for i, (kind, grad) in enumerate([("backward", torch.ones_like(x)), ("forward", None),
+                                                      ("forward", None), ("backward", torch.ones_like(x))]):
+                        requests.start_soon(one, f"{kind}{i}", kind, grad)
+                        await trio.sleep(0)
+                nursery.cancel_scope.cancel()
+    trio.run(main)
+    assert set(results) == {"backward0", "forward1", "forward2", "backward3"}
+    assert all(r.shape == x.shape and torch.isfinite(r).all() for r in results.values())
+    assert stats["rows"] == 16 and stats["batches"] >= 2
+
+
 def test_periodic_checkpoints_and_reload_in_process(tmp_path):
     dht = DHT()
     try:

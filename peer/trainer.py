@@ -1,0 +1,349 @@
+"""The training loop of a volunteer: local steps on local data, dense weights kept in sync with the swarm.
+
+The model's feed-forward layers are :class:`~peer.remote.RemoteMixtureOfExperts` over the swarm's
+experts (which train themselves on backward); its dense parameters (embeddings, attention, gates,
+norms) live on every trainer and are synchronised in one of two ways:
+
+* ``sync="grad"`` — after every local step the gradients are averaged with a group of trainers
+  (weighted by samples), then every trainer applies the same optimizer step.
+* ``sync="diloco"`` (Douillard et al., 2023) — ``local_steps`` inner AdamW steps, then the
+  *pseudo-gradient* ``anchor - params`` is averaged across trainers and applied to the anchor by an
+  outer Nesterov-momentum SGD; every trainer continues from the new anchor. It sends
+  ``local_steps`` times fewer bytes per sample.
+
+A failed averaging round is not fatal: the trainer keeps training locally (for DiLoCo the next round
+averages the longer stretch). Progress (samples, loss) is published in the DHT; the learning-rate
+schedule follows the swarm's total samples.
+
+State sharing (:mod:`averaging.state`): every trainer that accepts connections serves a snapshot of the
+shared dense state (DiLoCo: the anchor and the outer momentum; grad: the parameters), taken after each
+successful averaging round and labelled with the number of rounds the swarm has done. At start — fresh,
+or resumed from a checkpoint — a trainer looks for a snapshot newer than its own and downloads it
+(verified by hash, from several donors) before it trains, so a newcomer or a restarted peer catches up
+instead of dragging the swarm back. Checkpoints are written atomically and resumed after a restart.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from averaging import Averager
+from averaging.state import StateDownloadError, StateSharer, download_state
+from dht import DHT, get_dht_time
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import ByteDataset, batches, eval_batches, load_corpus
+from .model import ModelConfig, MoETransformer
+from .remote import NotEnoughExpertsError, RemoteMixtureOfExperts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """What a trainer does. Every trainer of a swarm should use the same model, sync and schedule.
+
+    :param model: model preset ("tiny" or "small"); ``seed`` fixes the shared initial weights.
+    :param sync: "diloco" (``local_steps`` inner steps per averaging round) or "grad" (average every step).
+    :param max_samples: stop after this many local samples (None: until interrupted).
+    :param total_samples: horizon of the cosine learning-rate schedule, in swarm-wide samples.
+    """
+
+    model: str = "tiny"
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup_samples: int = 1000
+    total_samples: int = 1_000_000
+    max_samples: int | None = None
+    sync: str = "diloco"
+    local_steps: int = 20
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    group_size: int = 4
+    matchmaking_time: float = 2.0
+    compression: str = "none"
+    data: str | None = None
+    shard: int = 0
+    num_shards: int = 1
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    eval_every: int = 50
+    eval_batches: int = 8
+    k_min: int = 1
+    state_timeout: float = 60.0
+    share_every: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.sync not in ("diloco", "grad"):
+            raise ValueError(f"sync must be 'diloco' or 'grad', got {self.sync!r}")
+        if self.batch_size < 1 or self.local_steps < 1 or not 0 <= self.shard < self.num_shards:
+            raise ValueError("need batch_size >= 1, local_steps >= 1 and 0 <= shard < num_shards")
+
+
+class Trainer:
+    """Trains the swarm's MoE language model on this machine's data shard. Blocking; call :meth:`run`."""
+
+    def __init__(self, dht: DHT, config: TrainConfig, *, model_config: ModelConfig | None = None):
+        self.dht, self.config = dht, config
+        self.model_config = model_config or ModelConfig.preset(config.model)
+        torch.manual_seed(config.seed)  # identical initial dense weights on every trainer
+        self.model = MoETransformer(self.model_config, make_moe=self._make_moe)
+        self.dense = [p for p in self.model.dense_parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.dense, lr=config.lr, weight_decay=0.01)
+        text = load_corpus(config.data)
+        self.train_data = ByteDataset(text, self.model_config.block_size, split="train")
+        self.eval_data = ByteDataset(text, self.model_config.block_size, split="eval")
+        self.batches = batches(self.train_data, config.batch_size, seed=config.seed + config.shard,
+                               shard=(config.shard, config.num_shards))
+        self.prefix = f"{dht.node.swarm}.{config.model}.{config.sync}"
+        if config.sync == "diloco":
+            self.anchor = [p.detach().clone() for p in self.dense]
+            self.outer_grad = [torch.zeros_like(p) for p in self.dense]
+            self.outer_opt = torch.optim.SGD(self.anchor, lr=config.outer_lr, momentum=config.outer_momentum,
+                                             nesterov=True)
+            sync_tensors = self.outer_grad
+        else:
+            for p in self.dense:
+                p.grad = torch.zeros_like(p)
+            sync_tensors = [p.grad for p in self.dense]
+        self.averager = Averager(sync_tensors, dht, self.prefix, target_group_size=config.group_size,
+                                 compression=config.compression, matchmaking_time=config.matchmaking_time)
+        self.step = self.samples = self.samples_since_sync = 0
+        self.rounds_ok = self.rounds_failed = 0
+        self.skipped_steps = 0  # batches skipped because too few experts answered
+        self.sync_rounds = 0  # swarm-wide averaging rounds folded into our dense state (the state's "step")
+        self.global_samples = 0
+        self.loss_ema: float | None = None
+        self.history: list[dict] = []
+        self._restore()
+        self._snapshot: tuple[dict, list[torch.Tensor]] = self._take_snapshot()
+        self.catch_up()
+        self.sharer = None if dht.client_mode else StateSharer(
+            dht, self.prefix, lambda: self._snapshot, announce_interval=config.share_every)
+
+    def _make_moe(self, layer: int, cfg: ModelConfig) -> RemoteMixtureOfExperts:
+        return RemoteMixtureOfExperts(cfg.n_embd, cfg.grid_size, self.dht, cfg.uid_prefix(layer), k_best=cfg.k,
+                                      k_min=self.config.k_min, beam_size=cfg.beam_size)
+
+    # ------------------------------------------------------------------ one step
+    def lr_at(self, global_samples: int) -> float:
+        """Linear warmup, then cosine decay to 10% over ``total_samples`` swarm-wide samples."""
+        c = self.config
+        if global_samples < c.warmup_samples:
+            return c.lr * max(global_samples, 1) / c.warmup_samples
+        progress = min(1.0, (global_samples - c.warmup_samples) / max(1, c.total_samples - c.warmup_samples))
+        return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def train_step(self) -> float:
+        """One local step (plus averaging when it is due); returns the training loss."""
+        x, y = next(self.batches)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(max(self.global_samples, self.samples))
+        self.model.train()
+        self.opt.zero_grad(set_to_none=self.config.sync == "diloco")
+        _, loss = self.model(x, y)
+        loss.backward()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError("training loss is not finite")
+        n = x.shape[0]
+        self.step += 1
+        self.samples += n
+        self.samples_since_sync += n
+        if self.config.sync == "grad":
+            self._average(weight=n)
+            torch.nn.utils.clip_grad_norm_(self.dense, 1.0)
+            self.opt.step()
+            if self.step % self.config.eval_every == 0:
+                self._snapshot = self._take_snapshot()
+        else:
+            torch.nn.utils.clip_grad_norm_(self.dense, 1.0)
+            self.opt.step()
+            if self.step % self.config.local_steps == 0:
+                self._outer_step()
+        value = float(self.model.last_lm_loss)
+        self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
+        return value
+
+    def _average(self, weight: float) -> bool:
+        result = self.averager.step(weight=weight)
+        self.rounds_ok += result.ok
+        self.rounds_failed += not result.ok
+        if result.ok:
+            self.sync_rounds += 1
+        return result.ok
+
+    # ------------------------------------------------------------------ shared state
+    def _shared_tensors(self) -> list[torch.Tensor]:
+        """The tensors a newcomer needs: DiLoCo's anchor and outer momentum, or grad mode's parameters."""
+        if self.config.sync == "grad":
+            return list(self.dense)
+        momentum = [self.outer_opt.state.get(a, {}).get("momentum_buffer") for a in self.anchor]
+        return [*self.anchor, *(torch.zeros_like(a) if m is None else m for a, m in zip(self.anchor, momentum))]
+
+    def _take_snapshot(self) -> tuple[dict, list[torch.Tensor]]:
+        """A copy of the shared state that the sharer's thread can serialize while we keep training."""
+        metadata = {"step": self.sync_rounds, "samples": max(self.global_samples, self.samples),
+                    "model": self.config.model, "sync": self.config.sync}
+        return metadata, [t.detach().clone() for t in self._shared_tensors()]
+
+    def catch_up(self) -> bool:
+        """Download the swarm's shared state if a peer announces a newer one than ours; True if we did."""
+        try:
+            found = download_state(self.dht, self.prefix, timeout=self.config.state_timeout)
+        except StateDownloadError as e:
+            logger.warning("Could not download the swarm's state, training from our own: %s", e)
+            return False
+        if found is None:
+            return False
+        metadata, tensors = found
+        ours = self._shared_tensors()
+        if metadata.get("step", -1) <= self.sync_rounds:
+            return False
+        if [t.shape for t in tensors] != [t.shape for t in ours]:
+            logger.warning("The swarm's state has other shapes than our model (%s); ignoring it", self.prefix)
+            return False
+        with torch.no_grad():
+            for mine, theirs in zip(ours, tensors):
+                mine.copy_(theirs)
+            if self.config.sync == "diloco":
+                n = len(self.anchor)
+                for a, m in zip(self.anchor, tensors[n:]):
+                    self.outer_opt.state[a]["momentum_buffer"] = m.clone()
+                for p, a in zip(self.dense, self.anchor):
+                    p.copy_(a)
+        self.sync_rounds = int(metadata["step"])
+        self.global_samples = max(self.global_samples, int(metadata.get("samples", 0)))
+        self._snapshot = self._take_snapshot()
+        logger.info("Caught up with the swarm: its state after %d averaging rounds (%d samples)",
+                    self.sync_rounds, self.global_samples)
+        return True
+
+    def _outer_step(self) -> None:
+        """DiLoCo: average pseudo-gradients, apply them to the anchor with Nesterov SGD, restart from it."""
+        with torch.no_grad():
+            for g, a, p in zip(self.outer_grad, self.anchor, self.dense):
+                g.copy_(a - p)
+        if not self._average(weight=self.samples_since_sync):
+            return  # keep training locally; the next round averages the longer stretch
+        with torch.no_grad():
+            for a, g in zip(self.anchor, self.outer_grad):
+                a.grad = g.clone()
+            self.outer_opt.step()
+            for p, a in zip(self.dense, self.anchor):
+                p.copy_(a)
+        self.samples_since_sync = 0
+        self._snapshot = self._take_snapshot()
+
+    # ------------------------------------------------------------------ evaluation, progress, checkpoints
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss over ``eval_batches`` fixed batches."""
+        self.model.eval()
+        losses = [float(self.model(x, y)[1]) for x, y in
+                  eval_batches(self.eval_data, self.config.batch_size, max_batches=self.config.eval_batches)]
+        return float(sum(losses) / len(losses))
+
+    def _evaluate_when_possible(self, tries: int = 5) -> float | None:
+        """:meth:`evaluate`, retried while too few experts answer; None (logged) if they never do."""
+        for attempt in range(tries):
+            try:
+                return self.evaluate()
+            except NotEnoughExpertsError as e:
+                if attempt == tries - 1:
+                    logger.warning("Evaluation skipped, too few experts answered: %s", str(e)[:300])
+                    return None
+                time.sleep(1.0)
+        return None
+
+    def publish_progress(self) -> None:
+        """Write our progress to the DHT and read everyone's to know the swarm-wide sample count."""
+        key = f"{self.prefix}.progress"
+        mine = {"samples": self.samples, "step": self.step, "loss": self.loss_ema, "t": get_dht_time()}
+        self.dht.store(key, mine, get_dht_time() + 60, subkey=self.dht.peer_id)
+        found = self.dht.get(key, latest=True)
+        if found is not None and isinstance(found.value, dict):
+            total = sum(int(v.value.get("samples", 0)) for v in found.value.values() if isinstance(v.value, dict))
+            self.global_samples = max(self.global_samples, total)
+
+    def state(self) -> dict:
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                 "samples": self.samples, "global_samples": self.global_samples, "sync_rounds": self.sync_rounds,
+                 "config": asdict(self.config)}
+        if self.config.sync == "diloco":
+            state["anchor"] = [a.clone() for a in self.anchor]
+            state["outer_opt"] = self.outer_opt.state_dict()
+        return state
+
+    @property
+    def checkpoint_file(self) -> Path | None:
+        return Path(self.config.checkpoint_dir) / "trainer.pt" if self.config.checkpoint_dir else None
+
+    def save(self) -> None:
+        if self.checkpoint_file is not None:
+            save_checkpoint(self.checkpoint_file, self.state())
+
+    def _restore(self) -> None:
+        state = load_checkpoint(self.checkpoint_file) if self.checkpoint_file else None
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.samples = state["step"], state["samples"]
+        self.global_samples = state.get("global_samples", 0)
+        self.sync_rounds = state.get("sync_rounds", 0)
+        if self.config.sync == "diloco" and "anchor" in state:
+            with torch.no_grad():
+                for a, saved in zip(self.anchor, state["anchor"]):
+                    a.copy_(saved)
+            self.outer_opt.load_state_dict(state["outer_opt"])
+        logger.info("Resumed from %s at step %d (%d samples)", self.checkpoint_file, self.step, self.samples)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, on_step=None) -> list[dict]:
+        """Train until ``max_samples`` (or Ctrl+C); returns the history of evaluations."""
+        c = self.config
+        started = time.monotonic()
+        if self.step == 0 and (eval_loss := self._evaluate_when_possible()) is not None:
+            self.history.append({"step": 0, "samples": 0, "eval_loss": eval_loss, "t": 0.0})
+            logger.info("step 0: eval loss %.3f (before training)", eval_loss)
+        try:
+            while c.max_samples is None or self.samples < c.max_samples:
+                try:
+                    loss = self.train_step()
+                except NotEnoughExpertsError as e:
+                    # experts are missing (a host died, or none has joined yet): nothing was updated, so
+                    # skip this batch and retry shortly; beam search finds the survivors or newcomers
+                    self.skipped_steps += 1
+                    logger.warning("Skipped a step (%d so far): %s", self.skipped_steps, str(e)[:300])
+                    time.sleep(1.0)
+                    continue
+                if self.step % c.eval_every == 0:
+                    self.publish_progress()
+                    eval_loss = self._evaluate_when_possible()
+                    if eval_loss is not None:
+                        self.history.append({"step": self.step, "samples": self.samples, "train_loss": loss,
+                                             "eval_loss": eval_loss, "t": time.monotonic() - started})
+                    logger.info("step %d: train loss %.3f, eval loss %s, %d samples (swarm %d), "
+                                "averaging %d ok / %d failed", self.step, loss,
+                                "skipped" if eval_loss is None else f"{eval_loss:.3f}",
+                                self.samples, self.global_samples, self.rounds_ok, self.rounds_failed)
+                if c.checkpoint_dir and self.step % c.checkpoint_every == 0:
+                    self.save()
+                if on_step is not None:
+                    on_step(self, loss)
+        finally:
+            if c.checkpoint_dir:
+                self.save()
+        return self.history
+
+    def shutdown(self) -> None:
+        """Stop serving our state and averaging (the DHT stays up; its owner shuts it down)."""
+        if self.sharer is not None:
+            self.sharer.shutdown()
+        self.averager.shutdown()
