@@ -136,7 +136,7 @@ class DHTProtocol:
     # ------------------------------------------------------------------ routing upkeep
     def observe(self, peer: PeerInfo) -> None:
         """Kademlia's bucket update on contact; if the bucket is full, ping its least-recently-seen peer."""
-        if peer.node_id == self.node_id:
+        if peer.node_id == self.node_id or not self.node.is_allowed(peer.peer_id):
             return
         self._give_addrs(peer)
         stale = self.routing.add_or_update(peer)

@@ -67,13 +67,18 @@ class Node:
     :param announce_maddrs: addresses to tell others instead of the listen addresses (NAT, docker).
     :param identity_path: file holding the ed25519 key; created on first run, so the peer ID persists.
     :param client_mode: listen on nothing; the node can only call out (for peers behind NAT).
-    :param psk: hex pre-shared key of a private swarm (libp2p pnet); peers without it cannot connect.
+    :param psk: pre-shared key of a private swarm (libp2p pnet), 64 hex characters (32 bytes): every
+        connection is encrypted with it before the handshake, so peers without it cannot connect at all.
+    :param allowed_peers: peer IDs allowed to talk to us (None: everyone). Streams from other peers are
+        reset before any handler runs (so they can call no RPC: no DHT store, no averaging, no expert),
+        and we open no stream to them. Our own ID is always allowed.
     :param start: start the loop thread right away.
     """
 
     def __init__(self, *, swarm: str = "default", host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS,
                  announce_maddrs: Sequence[str] = (), identity_path: str | None = None,
-                 client_mode: bool = False, psk: str | None = None, start: bool = True):
+                 client_mode: bool = False, psk: str | None = None, allowed_peers: Sequence[str] | None = None,
+                 start: bool = True):
         if not swarm or "/" in swarm:
             raise ValueError(f"swarm name must be non-empty and contain no '/': {swarm!r}")
         self.swarm, self.client_mode = swarm, client_mode
@@ -81,7 +86,13 @@ class Node:
         self.peer_id = peer_id_of(self.key_pair)
         self._listen = [] if client_mode else [parse_maddr(a) for a in host_maddrs]
         self._announce = [parse_maddr(a) for a in announce_maddrs]
+        if psk is not None:
+            psk = psk.strip().lower()
+            if len(psk) != 64 or any(c not in "0123456789abcdef" for c in psk):
+                raise ValueError("the swarm key (psk) must be 64 hex characters (32 random bytes)")
         self._psk = psk
+        self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers) | {self.peer_id}
+        self._refused: set[str] = set()  # peers whose refusal was logged already
         self._handlers: dict[TProtocol, Callable[[FramedStream], Awaitable[None]]] = {}
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -216,6 +227,10 @@ class Node:
         return bool(self.host and self.host.get_network().get_connections(ID.from_base58(peer_id)))
 
     # ---------------------------------------------------------------- protocols and streams
+    def is_allowed(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` may exchange streams with us (always, unless ``allowed_peers`` was given)."""
+        return self.allowed_peers is None or peer_id in self.allowed_peers
+
     def protocol_id(self, service: str, version: str = "1") -> TProtocol:
         """``/swarmtrain/<swarm>/<service>/<version>``."""
         return TProtocol(f"/swarmtrain/{self.swarm}/{service}/{version}")
@@ -236,6 +251,12 @@ class Node:
 
         async def on_stream(raw) -> None:
             peer = raw.muxed_conn.peer_id.to_base58()
+            if not self.is_allowed(peer):
+                if peer not in self._refused and len(self._refused) < 10_000:
+                    self._refused.add(peer)
+                    logger.info("Refused streams from %s: not in this swarm's allowlist", peer)
+                await raw.reset()
+                return
             stream = FramedStream(raw, peer, max_frame_bytes=max_frame_bytes, timeout=timeout)
             try:
                 await handler(stream)
@@ -256,6 +277,8 @@ class Node:
             raise ValueError(f"not a peer ID: {peer_id!r}") from None
         if pid == self.host.get_id():
             raise ValueError("cannot open a stream to ourselves")
+        if not self.is_allowed(peer_id):
+            raise PeerUnreachable(f"{peer_id[-8:]} is not in this swarm's allowlist")
         with trio.move_on_after(timeout) as scope:
             try:
                 raw = await self.host.new_stream(pid, [self.protocol_id(service, version)])
@@ -288,10 +311,19 @@ class Node:
         self._token.run_sync_soon(fn, *args)
 
     def spawn(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Start a background task in the node's nursery; it is cancelled when the node stops."""
+        """Start a background task in the node's nursery; it is cancelled when the node stops.
+
+        A task that raises is logged and ends alone: one broken background task (a batcher, a heartbeat)
+        must not take down the node and every service on it."""
         if self._nursery is None:
             raise P2PError("node is not running")
-        self.run_sync_soon(self._nursery.start_soon, async_fn, *args)
+
+        async def guarded() -> None:
+            try:
+                await async_fn(*args)
+            except Exception:
+                logger.exception("Background task %s failed", getattr(async_fn, "__qualname__", async_fn))
+        self.run_sync_soon(self._nursery.start_soon, guarded)
 
     # ---------------------------------------------------------------- RPC
     def serve(self, service: str, methods: dict[str, rpc.Handler], *, version: str = "1",

@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "this peer only calls others and is never in their routing tables")
     net.add_argument("--swarm", default="default",
                      help="swarm name; peers of different swarms ignore each other (default: %(default)s)")
+    private = p.add_argument_group("private swarms")
+    private.add_argument("--swarm-key", default=None, metavar="FILE",
+                         help="file holding the swarm's pre-shared key (64 hex characters; make one with "
+                              "python -c \"import secrets; print(secrets.token_hex(32))\" > swarm.key). "
+                              "Every connection is encrypted with it: peers without the key cannot connect")
+    private.add_argument("--allow-peers", nargs="+", default=None, metavar="PEER_ID_OR_FILE",
+                         help="peer IDs (or files listing one per line) allowed to talk to this peer; "
+                              "streams from any other peer are refused")
     experts = p.add_argument_group("hosting experts")
     experts.add_argument("--experts", type=int, default=0, metavar="N",
                          help="host N experts of the model's grids (the least-hosted ones) on this machine")
@@ -113,6 +121,39 @@ def check_args(args: argparse.Namespace) -> None:
     except (ValueError, AssertionError):
         raise ValueError(f"--shard {args.shard!r}: use I/N with 0 <= I < N") from None
     args.shard, args.num_shards = shard, num_shards
+    args.psk = None
+    if args.swarm_key:
+        try:
+            with open(args.swarm_key) as f:
+                args.psk = f.read().strip()
+        except OSError as e:
+            raise ValueError(f"--swarm-key {args.swarm_key}: {e.strerror}") from None
+        if len(args.psk) != 64 or any(c not in "0123456789abcdefABCDEF" for c in args.psk):
+            raise ValueError(f"--swarm-key {args.swarm_key}: the file must hold 64 hex characters")
+    if args.allow_peers is not None:
+        args.allow_peers = read_peer_ids(args.allow_peers)
+
+
+def read_peer_ids(items: Sequence[str]) -> list[str]:
+    """Peer IDs given directly or as files with one per line (``#`` comments allowed)."""
+    from libp2p.peer.id import ID
+
+    ids = []
+    for item in items:
+        try:
+            with open(item) as f:
+                lines = [line.split("#", 1)[0].strip() for line in f]
+        except OSError:
+            lines = [item]
+        for line in filter(None, lines):
+            try:  # ed25519 IDs start with 12D3KooW, RSA/older ones with Qm
+                ok = line.startswith(("12D3KooW", "Qm")) and ID.from_base58(line).to_base58() == line
+            except Exception:
+                ok = False
+            if not ok:
+                raise ValueError(f"--allow-peers: {line!r} is not a peer ID (nor a readable file)")
+            ids.append(line)
+    return ids
 
 
 def join_command(addrs: Sequence[str], swarm: str) -> str:
@@ -176,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dht = None
     try:
         dht = DHT(initial_peers=args.initial_peers, swarm=args.swarm, host_maddrs=args.host_maddrs,
-                  announce_maddrs=args.announce_maddrs, identity_path=args.identity, client_mode=args.client_mode)
+                  announce_maddrs=args.announce_maddrs, identity_path=args.identity, client_mode=args.client_mode,
+                  psk=args.psk, allowed_peers=args.allow_peers)
         if dht.addrs:
             print("To join this swarm, run:\n  " + join_command(dht.addrs, args.swarm), flush=True)
             print("All addresses of this peer: " + " ".join(dht.addrs), flush=True)
