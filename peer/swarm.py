@@ -48,6 +48,7 @@ def main(argv=None) -> int:
         proc.name = name  # type: ignore[attr-defined]
         procs.append(proc)
         # every peer's stderr is read (a full pipe would block the peer): loss lines and errors are shown
+        proc.ready = threading.Event()  # type: ignore[attr-defined]
         proc.echo = threading.Thread(target=_echo_losses, args=(proc,), daemon=True)  # type: ignore[attr-defined]
         proc.echo.start()  # type: ignore[attr-defined]
         return proc
@@ -69,8 +70,11 @@ def main(argv=None) -> int:
         total = cfg.n_layer * cfg.grid_size[0] * cfg.grid_size[1]
         per_host = -(-total // max(1, args.expert_hosts))
         for i in range(args.expert_hosts):
-            start(f"experts{i}", [*common, "--experts", str(per_host), "--device", "cpu"])
-            time.sleep(2.0)  # let each host declare its experts so the next picks the rest of the grid
+            host = start(f"experts{i}", [*common, "--experts", str(per_host), "--device", "cpu"])
+            # wait until it declared its experts, so the next host picks the rest of the grid
+            if not host.ready.wait(120):  # type: ignore[attr-defined]
+                print(f"error: expert host {i} did not start hosting in 120 s", file=sys.stderr)
+                return 1
         print(f"{args.expert_hosts} expert hosts serving {total} experts")
         trainers = [start(f"trainer{i}", [*common, "--train", "--sync", args.sync, "--local-steps",
                                           str(args.local_steps), "--max-samples", str(args.samples), "--shard",
@@ -103,7 +107,10 @@ def main(argv=None) -> int:
 
 
 def _echo_losses(proc: subprocess.Popen) -> None:
+    """Print a peer's loss lines and errors; set ``proc.ready`` once it hosts experts."""
     for line in proc.stderr:
+        if "Hosting " in line:
+            proc.ready.set()  # type: ignore[attr-defined]
         m = LOSS_LINE.search(line)
         if m:
             print(f"  {proc.name}: step {m.group(1):>4}  eval loss {float(m.group(2)):.3f}", flush=True)

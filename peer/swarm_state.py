@@ -16,7 +16,7 @@ Nothing here writes to the DHT or calls a peer's RPCs: it reads the records the 
 Here ``prefix = f"{swarm}.{model}.{sync}"``, exactly as trainers name it. Example::
 
     from dht import DHT
-    from peer.inspect import read_swarm
+    from peer.swarm_state import read_swarm
 
     dht = DHT(initial_peers=["/ip4/1.2.3.4/tcp/31337/p2p/12D3KooW..."], swarm="local-demo", client_mode=True)
     state = read_swarm(dht, "local-demo", model="tiny", sync="diloco")
@@ -77,7 +77,7 @@ def expert_hosts(found: dict[str, ValueWithExpiration | None], config: ModelConf
     """Group the experts declared under ``config``'s layer root keys by the server hosting them.
 
     ``found`` maps root keys (``"ffn0."``, ...) to their DHT values. Returns ``{"hosts": [{"peer_id",
-    "addrs", "experts", "per_layer", "uids", "expires_in_s"}, ...], "grid_size": experts in the model,
+    "addrs", "experts", "per_layer", "uids", "expires_in_s"}, ...], "model_experts": experts in the model,
     "hosted": distinct experts hosted somewhere, "missing": UIDs nobody hosts}``.
     """
     now = get_dht_time()
@@ -99,7 +99,7 @@ def expert_hosts(found: dict[str, ValueWithExpiration | None], config: ModelConf
     every_uid = [f"{root}." + ".".join(map(str, coords)) for root in roots
                  for coords in itertools.product(*(range(g) for g in config.grid_size))]
     return {"hosts": sorted(hosts.values(), key=lambda h: (-h["experts"], h["peer_id"])),
-            "grid_size": per_layer * len(roots), "hosted": len(hosted),
+            "model_experts": per_layer * len(roots), "hosted": len(hosted),
             "missing": [uid for uid in every_uid if uid not in hosted]}
 
 
@@ -116,7 +116,8 @@ def training_progress(value: ValueWithExpiration | None) -> list[dict]:
 
 
 def averaging_announcements(value: ValueWithExpiration | None) -> list[dict]:
-    """Rows ``{"peer_id", "status", "bandwidth_mb_s", "client", "t", "expires_in_s"}`` of ``<prefix>.averaging``.
+    """Rows ``{"peer_id", "status", "bandwidth_mb_s", "client", "t", "expiration_time", "expires_in_s"}`` of
+    ``<prefix>.averaging``.
 
     ``status`` is ``"looking"`` for a peer gathering a group now and ``"done"`` for one that finished
     its round (its tombstone outlives the announcement by a moment); ``t`` is None for "done".
@@ -129,8 +130,30 @@ def averaging_announcements(value: ValueWithExpiration | None) -> list[dict]:
         rows.append({"peer_id": peer_id, "status": "done" if payload.get("done") else "looking",
                      "bandwidth_mb_s": None if bandwidth is None else bandwidth / 1e6,
                      "client": bool(payload.get("client", False)), "t": _number(payload.get("t")),
-                     "expires_in_s": expiration - now})
+                     "expiration_time": expiration, "expires_in_s": expiration - now})
     return rows
+
+
+def averaging_rounds(announcements: Iterable[dict]) -> list[dict]:
+    """Which "looking" announcements (rows of :func:`averaging_announcements`, e.g. collected over several
+    reads) could have met: ``[{"t", "peers": [peer_id, ...]}, ...]`` in time order.
+
+    An announcement joins the round of the first earlier one still alive when it was made (both peers then
+    see each other while gathering); otherwise it starts a round. A round with one peer is one where
+    nobody else was looking (as far as the reads saw; announcements live a few seconds, so read at least
+    every ~2 s): that peer's averaging step failed and it trained on alone.
+    """
+    looking = sorted((a for a in announcements if a.get("status") == "looking" and a.get("t") is not None),
+                     key=lambda a: a["t"])
+    rounds: list[dict] = []
+    for a in looking:
+        current = rounds[-1] if rounds else None
+        if current is not None and a["t"] < current["expiration_time"]:
+            if a["peer_id"] not in current["peers"]:
+                current["peers"].append(a["peer_id"])
+        else:
+            rounds.append({"t": a["t"], "expiration_time": a["expiration_time"], "peers": [a["peer_id"]]})
+    return [{"t": r["t"], "peers": r["peers"]} for r in rounds]
 
 
 def state_offers(value: ValueWithExpiration | None) -> list[dict]:
@@ -215,4 +238,4 @@ def swarm_throughput(series: dict[str, list[dict]]) -> list[tuple[float, float]]
 
 
 __all__ = ["training_prefix", "list_peers", "expert_hosts", "training_progress", "averaging_announcements",
-           "state_offers", "read_training", "read_swarm", "progress_series", "swarm_throughput"]
+           "averaging_rounds", "state_offers", "read_training", "read_swarm", "progress_series", "swarm_throughput"]

@@ -1,0 +1,121 @@
+"""End to end: `python -m peer` processes on loopback train the MoE model together.
+
+One bootstrap, two expert hosts, three trainers (DiLoCo) on their own shards. Checked: the held-out loss
+falls; the dense weights of the trainers agree after the last averaging round; a trainer killed mid-run
+and restarted resumes from its checkpoint and catches up with the swarm's state; a trainer that joins
+mid-run downloads the state before training and takes part in averaging.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+LOOPBACK = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+EVAL = re.compile(r"step (\d+): (?:train loss [\d.]+, )?eval loss ([\d.]+)")
+FINAL = re.compile(r"averaging (\d+) ok / (\d+) failed")
+
+
+class Peer:
+    """A `python -m peer` process whose stderr goes to a file we can poll."""
+
+    def __init__(self, name: str, tmp: Path, *flags: str):
+        self.name, self.log_path = name, tmp / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "peer", *LOOPBACK, *flags], stdout=subprocess.PIPE,
+                                     stderr=self._log, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def evals(self) -> list[tuple[int, float]]:
+        return [(int(m.group(1)), float(m.group(2))) for m in EVAL.finditer(self.log())]
+
+    def wait_for(self, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while what not in self.log():
+            assert self.proc.poll() is None or what in self.log(), f"{self.name} exited:\n{self.log()[-3000:]}"
+            assert time.monotonic() < deadline, f"{self.name}: no {what!r} in {timeout}s:\n{self.log()[-3000:]}"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+        self._log.close()
+
+
+def join_line(peer: Peer, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = peer.proc.stdout.readline()
+        assert line, f"bootstrap exited:\n{peer.log()}"
+        if line.strip().startswith("python -m peer --initial-peers"):
+            return line.split("--initial-peers", 1)[1].split()[0]
+    raise AssertionError("no join line")
+
+
+def anchor(checkpoint_dir: Path) -> list[torch.Tensor]:
+    return torch.load(checkpoint_dir / "trainer.pt", weights_only=False)["anchor"]
+
+
+@pytest.mark.slow
+def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
+    samples, steps = 480, 60  # batch 8: 60 local steps, an averaging round every 10, evaluations at 0 and 50
+    peers: list[Peer] = []
+    try:
+        boot = Peer("bootstrap", tmp_path, "--swarm", "e2e")
+        peers.append(boot)
+        join = ["--initial-peers", join_line(boot), "--swarm", "e2e"]
+        for i in range(2):
+            peers.append(Peer(f"experts{i}", tmp_path, *join, "--experts", "16", "--device", "cpu"))
+            peers[-1].wait_for("Hosting 16 experts", 60)
+        train = [*join, "--train", "--local-steps", "10", "--max-samples", str(samples)]
+        ckpt = [tmp_path / f"ckpt{i}" for i in range(4)]
+        trainers = [Peer(f"trainer{i}", tmp_path, *train, "--shard", f"{i}/3", "--checkpoint-dir", str(ckpt[i]))
+                    for i in range(3)]
+        peers += trainers
+
+        # trainer 2 is killed once it has checkpointed (step 50), then restarted on the same directory
+        trainers[2].wait_for("step 50:", 240)
+        time.sleep(1.0)  # the checkpoint of step 50 is written right after the evaluation
+        trainers[2].proc.kill()
+        trainers[2].proc.wait(10)
+        # meanwhile a newcomer joins (shard 0 again: data does not matter here, its catching up does)
+        newcomer = Peer("newcomer", tmp_path, *train, "--shard", "0/3", "--checkpoint-dir", str(ckpt[3]))
+        peers.append(newcomer)
+        time.sleep(5)
+        restarted = Peer("trainer2b", tmp_path, *train, "--shard", "2/3", "--checkpoint-dir", str(ckpt[2]))
+        peers.append(restarted)
+
+        for p in (trainers[0], trainers[1], restarted, newcomer):
+            assert p.proc.wait(timeout=400) == 0, f"{p.name} failed:\n{p.log()[-3000:]}"
+
+        restarted_log, newcomer_log = restarted.log(), newcomer.log()
+        assert "Resumed from" in restarted_log and "at step 50" in restarted_log
+        assert "Caught up with the swarm" in newcomer_log, newcomer_log[-3000:]
+        # the newcomer averaged with the others after downloading the state
+        assert int(FINAL.findall(newcomer_log)[-1][0]) > 0
+
+        for p in (trainers[0], trainers[1]):
+            evals = p.evals()
+            assert evals[0][0] == 0 and evals[-1][0] == 50, evals
+            assert evals[-1][1] < evals[0][1] - 0.5, f"{p.name}: eval loss did not fall: {evals}"
+
+        # every trainer ends on an averaging round (60 is a multiple of 10): dense weights agree
+        anchors = [anchor(ckpt[i]) for i in (0, 1)]
+        for a, b in zip(*anchors):
+            assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    finally:
+        for p in reversed(peers):
+            p.stop()
