@@ -179,6 +179,8 @@ class Matchmaker:
                 raise MatchmakingFailed(f"leader {leader[-8:]} unreachable: {e}") from None
             if isinstance(reply, dict) and isinstance(reply.get("redirect"), str):
                 leader = reply["redirect"]
+                if leader == av.peer_id:  # the peer we follow follows us: a stale choice on one side
+                    raise MatchmakingFailed("redirected to ourselves: leaders disagree, retrying next round")
                 continue
             try:
                 members = [Member(str(p), float(bw), bool(c)) for p, bw, c in reply["members"]]
