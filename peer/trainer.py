@@ -117,6 +117,7 @@ class Trainer:
         self.step = self.samples = self.samples_since_sync = 0
         self.rounds_ok = self.rounds_failed = 0
         self.skipped_steps = 0  # batches skipped because too few experts answered
+        self.averaging_bytes = 0  # sent + received by our averaging rounds
         self.sync_rounds = 0  # swarm-wide averaging rounds folded into our dense state (the state's "step")
         self.global_samples = 0
         self.loss_ema: float | None = None
@@ -172,6 +173,7 @@ class Trainer:
 
     def _average(self, weight: float) -> bool:
         result = self.averager.step(weight=weight)
+        self.averaging_bytes += result.bytes_sent + result.bytes_received
         self.rounds_ok += result.ok
         self.rounds_failed += not result.ok
         if result.ok:
@@ -337,6 +339,15 @@ class Trainer:
                     self.save()
                 if on_step is not None:
                     on_step(self, loss)
+            if not self.history or self.history[-1]["step"] != self.step:
+                eval_loss = self._evaluate_when_possible()
+                if eval_loss is not None:
+                    self.history.append({"step": self.step, "samples": self.samples, "eval_loss": eval_loss,
+                                         "t": time.monotonic() - started})
+            logger.info("Finished: %d samples in %d steps, final eval loss %s, averaging %d ok / %d failed, "
+                        "%d bytes", self.samples, self.step,
+                        f"{self.history[-1]['eval_loss']:.4f}" if self.history else "none",
+                        self.rounds_ok, self.rounds_failed, self.averaging_bytes)
         finally:
             if c.checkpoint_dir:
                 self.save()

@@ -1,0 +1,187 @@
+"""Fuzzing: malformed inputs to every decoder and to every RPC handler of a live peer.
+
+Decoders (in process): msgpack frames, DHT records and values, wire tensors, state blobs and
+compressed chunks get random bytes and random structures; each must return or raise its own
+documented error (a ValueError subclass), never anything else.
+
+Handlers (over real sockets): a server process runs a DHT, an expert server, an averager and a
+state sharer; we send random arguments to every method of every service. Each call must end in a
+reply or a clear remote error (never a timeout), the server must keep answering pings, and its log
+must hold no traceback. ``SWARMTRAIN_FUZZ_EXAMPLES`` sets the examples per target (default 300 in CI: about 3,000 inputs;
+raise it for a longer run).
+"""
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from averaging.compression import get_compression
+from averaging.state_format import StateFormatError, decode_state, encode_state
+from dht import DHT
+from dht.records import DeserializationError, MalformedRecord, Record, deserialize
+from p2p import P2PError, P2PTimeout, RemoteError
+from p2p.framing import unpack
+from peer.wire import InvalidTensorMessage, tensor_from_wire
+
+EXAMPLES = int(os.environ.get("SWARMTRAIN_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck), derandomize=True)
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1), st.floats(),
+                    st.text(max_size=40), st.binary(max_size=200))
+structures = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=6),
+                                                           st.dictionaries(st.text(max_size=10), inner, max_size=6)),
+                          max_leaves=30)
+
+
+@FUZZ
+@given(st.binary(max_size=2000))
+def test_frame_decoder_rejects_garbage_cleanly(data):
+    try:
+        unpack(data)
+    except P2PError:
+        pass
+
+
+@FUZZ
+@given(st.one_of(structures, st.binary(max_size=500)))
+def test_record_decoders_reject_garbage_cleanly(obj):
+    try:
+        Record.from_wire(obj)
+    except (MalformedRecord, DeserializationError, ValueError):
+        pass
+    if isinstance(obj, bytes):
+        try:
+            deserialize(obj)
+        except DeserializationError:
+            pass
+
+
+@FUZZ
+@given(structures)
+def test_wire_tensor_decoder_rejects_garbage_cleanly(obj):
+    try:
+        t = tensor_from_wire(obj)
+    except InvalidTensorMessage:
+        return
+    assert isinstance(t, torch.Tensor)
+
+
+@FUZZ
+@given(st.binary(max_size=3000), st.integers(0, 4000))
+def test_state_blob_decoder_rejects_garbage_and_corruption_cleanly(noise, position):
+    good = encode_state({"step": 3}, [torch.arange(10, dtype=torch.float32), torch.ones(2, 3)])
+    corrupted = bytearray(good)
+    corrupted[position % len(corrupted)] ^= 0xFF
+    for blob in (noise, bytes(corrupted), good[: position % len(good)]):
+        try:
+            decode_state(blob)
+        except StateFormatError:
+            pass
+
+
+@FUZZ
+@given(st.sampled_from(["fp16", "int8", "none"]), st.binary(max_size=5000), st.integers(0, 5000))
+def test_decompress_rejects_wrong_sizes_cleanly(name, blob, count):
+    try:
+        out = get_compression(name).decompress(blob, count)
+    except ValueError:
+        return
+    assert out.numel() == count
+
+
+# ------------------------------------------------------------------------------- live handlers
+SERVER = r"""
+import sys, torch
+from p2p import setup_logging
+setup_logging("INFO")
+from averaging import Averager
+from averaging.state import StateSharer
+from dht import DHT
+from peer.server import ExpertServer, create_experts
+dht = DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+server = ExpertServer(dht, create_experts("ffn", ["ffn.0.0"], 16, seed=0))
+averager = Averager([torch.zeros(64)], dht, "fuzz", target_group_size=2, matchmaking_time=1)
+sharer = StateSharer(dht, "fuzz", lambda: ({"step": 1}, [torch.ones(8)]), announce_interval=5)
+print("ADDR", dht.addrs[0], flush=True)
+sys.stdin.readline()
+"""
+
+METHODS = [("dht", m) for m in ("ping", "store", "find", "peers")] + \
+          [("experts", m) for m in ("forward", "backward", "info")] + \
+          [("averager.fuzz", m) for m in ("join", "part", "status", "fetch")] + \
+          [("state.fuzz", m) for m in ("pieces", "read")]
+
+
+def arguments(method: str):
+    """Random structures, and dicts with the field names the handlers read (so checks deeper in are hit)."""
+    fields = ["records", "keys", "values", "sender", "uid", "x", "grad", "round", "part", "weight", "repair",
+              "group", "peer", "sha256", "start", "end", "step", "signature", "addrs", "client", "expiration"]
+    shaped = st.dictionaries(st.sampled_from(fields), structures, max_size=6)
+    wire_like = st.fixed_dictionaries({"uid": st.sampled_from(["ffn.0.0", "nope", ""]),
+                                       "x": structures, "grad": structures})
+    return st.one_of(structures, shaped, wire_like)
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(module_python_process):
+    server = module_python_process(SERVER)
+    addr = server.expect("ADDR ", timeout=90)
+    client = DHT(initial_peers=[addr], client_mode=True)
+    yield server, addr.rsplit("/", 1)[1], client
+    client.shutdown()
+
+
+@pytest.mark.parametrize("service, method", METHODS)
+def test_handler_survives_random_arguments(fuzz_target, service, method):
+    server, server_id, client = fuzz_target
+    outcomes = {"ok": 0, "error": 0}
+
+    @settings(max_examples=max(20, EXAMPLES // 3), deadline=None, suppress_health_check=list(HealthCheck),
+              derandomize=True)
+    @given(arguments(method))
+    def one(args):
+        try:
+            client.node.call_sync(server_id, service, method, args, timeout=8)
+            outcomes["ok"] += 1
+        except P2PTimeout:
+            raise AssertionError(f"{service}.{method} did not answer {args!r:.200}")
+        except RemoteError as e:
+            assert str(e), "a remote error must say what went wrong"
+            outcomes["error"] += 1
+        except P2PError:
+            outcomes["error"] += 1  # e.g. the server reset a stream it found malformed
+
+    one()
+    assert sum(outcomes.values()) >= 20
+    # the server still serves everyone, and nothing crashed inside it
+    assert isinstance(client.node.call_sync(server_id, "dht", "ping", {"sender": client.protocol.sender_info()}, timeout=5), dict)
+    log = server.log()
+    assert "Traceback" not in log and "crashed" not in log, log[-3000:]
+
+
+def test_raw_garbage_frames_leave_the_server_serving(fuzz_target):
+    """Bytes that are not even frames, on a real stream of each service; then a normal call works."""
+    import trio
+    server, server_id, client = fuzz_target
+    node = client.node
+
+    async def spray():
+        for service in {s for s, _ in METHODS}:
+            for junk in (b"\xff" * 64, b"\x00\x00\x00\x05hello", msgpack.packb([1, 2, 3]), os.urandom(300)):
+                stream = await node.open_stream(server_id, service, timeout=5)
+                try:
+                    await stream.raw.write(junk)
+                    with trio.move_on_after(3):
+                        await stream.raw.read(1 << 16)
+                except Exception:
+                    pass  # reset by the server: the expected answer to garbage
+                finally:
+                    await stream.reset()
+    node.run(spray, timeout=120)
+    assert isinstance(node.call_sync(server_id, "dht", "ping", {"sender": client.protocol.sender_info()}, timeout=5), dict)
+    assert "Traceback" not in server.log()
