@@ -97,7 +97,7 @@ class AllReduceRound:
     def open_part(self, part: int, senders: list[str]) -> PartReducer:
         """Start reducing ``part`` from ``senders`` (we must be one of them); our own slice goes in now."""
         start, end = self.parts[part]
-        reducer = PartReducer(end - start, senders)
+        reducer = PartReducer(end - start, senders, clip_tau=self.averager.clip_tau)
         reducer.add(self.me, 0, self.local[start:end], self.weight)
         reducer.sender_finished(self.me)
         self.reducers[part] = reducer

@@ -67,18 +67,27 @@ class Averager:
     :param matchmaking_time: how long to wait for peers to show up before averaging with those present.
     :param chunk_timeout: deadline for each chunk/keepalive exchange; None derives it from the chunk size
         and bandwidth. A member silent for that long is dropped from the round.
+    :param clip_tau: Byzantine-robust rounds: each part we own is aggregated with CenteredClip of radius
+        ``clip_tau`` (:func:`averaging.robust.centered_clip`) instead of the weighted mean, so one peer moves
+        a part by at most ``clip_tau * its weight / the honest weight`` (L2) however wrong its values are.
+        Pick it above the honest spread of a part (honest contributions within ``clip_tau`` of each other
+        average exactly). None (default): the exact weighted mean.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], dht: DHT, prefix: str, *, target_group_size: int = 4,
                  min_group_size: int = 2, compression: str = "none", bandwidth: float = 100.0,
                  matchmaking_time: float = 3.0, chunk_timeout: float | None = None,
-                 round_timeout: float | None = None, chunk_bytes: int = 1 << 20, window_bytes: int = 8 << 20):
+                 round_timeout: float | None = None, chunk_bytes: int = 1 << 20, window_bytes: int = 8 << 20,
+                 clip_tau: float | None = None):
         if "/" in prefix or not prefix:
             raise ValueError(f"prefix must be non-empty and contain no '/': {prefix!r}")
         if not 2 <= min_group_size <= target_group_size:
             raise ValueError("need 2 <= min_group_size <= target_group_size")
         if not bandwidth > 0 or not math.isfinite(bandwidth):
             raise ValueError("bandwidth must be a positive number of MB/s")
+        if clip_tau is not None and not (math.isfinite(clip_tau) and clip_tau > 0):
+            raise ValueError(f"clip_tau must be a positive finite number, got {clip_tau!r}")
+        self.clip_tau = clip_tau
         self.dht, self.node, self.prefix = dht, dht.node, prefix
         self.peer_id, self.client_mode = dht.peer_id, dht.client_mode
         self.target_group_size, self.min_group_size = target_group_size, min_group_size

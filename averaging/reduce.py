@@ -123,7 +123,8 @@ class PartReducer:
     orderable (e.g. all ``str``): the sorted order fixes the summation order. Not thread-safe.
     """
 
-    def __init__(self, part_numel: int, expected_senders: Sequence[Hashable], dtype: torch.dtype = torch.float32):
+    def __init__(self, part_numel: int, expected_senders: Sequence[Hashable], dtype: torch.dtype = torch.float32,
+                 clip_tau: float | None = None):
         if isinstance(part_numel, bool) or not isinstance(part_numel, int) or part_numel < 0:
             raise ValueError(f"part_numel must be an int >= 0, got {part_numel!r}")
         senders = list(expected_senders)
@@ -135,6 +136,7 @@ class PartReducer:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         self.part_numel = part_numel
         self.dtype = dtype
+        self.clip_tau = clip_tau  # None: weighted mean; else CenteredClip of that radius (see result())
         self._order = sorted(senders)  # the summation order: independent of timing and of the caller's list order
         self._buffers: dict[Hashable, torch.Tensor] = {}
         self._weights: dict[Hashable, float] = {}
@@ -260,6 +262,7 @@ class PartReducer:
         ``x_i * w_i / sum(w)`` over senders in sorted order, slab by slab, using separate multiply and add ops
         (no fused multiply-add), so the result is bit-identical for any arrival order.
         ``out`` (optional): a contiguous tensor of this reducer's dtype and size to write into.
+        With ``clip_tau`` set, steps (2)-(3) are replaced by CenteredClip over the senders' vectors.
         """
         active = self.active_senders
         if not active:
@@ -275,6 +278,11 @@ class PartReducer:
         if self.part_numel == 0:
             return out
 
+        if self.clip_tau is not None and len(active) > 1:
+            from .robust import centered_clip  # here, not at the top: robust imports this module
+            weights = torch.tensor([self._weights[s] for s in active], dtype=torch.float64)
+            stacked = torch.stack([self._buffers[s] for s in active])
+            return out.copy_(centered_clip(stacked, weights, self.clip_tau))
         total_weight = math.fsum(self._weights[s] for s in active)
         scales = [self._weights[s] / total_weight for s in active]
         buffers = [self._buffers[s] for s in active]

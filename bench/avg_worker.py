@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--start-at", type=float, default=0.0, help="unix time to start; -1: wait for a line on stdin")
     p.add_argument("--pause", type=float, default=0.5, help="seconds between rounds")
     p.add_argument("--nan", action="store_true")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply our contribution (a Byzantine peer)")
+    p.add_argument("--clip-tau", type=float, default=None, help="CenteredClip radius (robust rounds)")
     p.add_argument("--client-mode", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--log-level", default="WARNING")
@@ -51,13 +53,15 @@ def main() -> None:
         tensor = torch.full((args.size,), args.value)
     else:
         tensor = torch.randn(args.size, generator=torch.Generator().manual_seed(args.seed))
+    tensor *= args.scale
     if args.nan:
         tensor[::7] = float("nan")
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
               client_mode=args.client_mode)
     averager = Averager([tensor], dht, "bench", target_group_size=args.group, min_group_size=args.min_group,
                         compression=args.compression, bandwidth=args.bandwidth,
-                        matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout)
+                        matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout,
+                        clip_tau=args.clip_tau)
     print(json.dumps({"peer_id": dht.peer_id, "addrs": dht.addrs}), flush=True)
     if args.start_at < 0:
         sys.stdin.readline()

@@ -81,6 +81,26 @@ def test_nan_contributor_is_excluded(bootstrap, tmp_path):
         assert not torch.isnan(t).any()
 
 
+@pytest.mark.parametrize("clip_tau", [300.0, None])
+def test_centered_clip_bounds_a_byzantine_peer(bootstrap, tmp_path, clip_tau):
+    """1 of 4 peers sends its values x1000. With CenteredClip (radius tau) every part stays within
+    tau * w_byzantine / w_honest of the honest mean, so the whole vector within sqrt(4 parts) times that;
+    the plain mean (the control) is thrown far off."""
+    n, size = 4, 50_000
+    specs = [dict(size=size, seed=i, group=n, matchmaking_time=3, clip_tau=clip_tau) for i in range(n)]
+    specs[3]["scale"] = 1000.0
+    results, tensors = run_group(bootstrap, tmp_path, specs)
+    assert all(r[0]["ok"] and r[0]["group_size"] == n for r in results), results
+    honest = torch.stack([torch.randn(size, generator=torch.Generator().manual_seed(i)) for i in range(3)]).mean(0)
+    deviation = (tensors[0] - honest).norm().item()
+    for t in tensors:
+        assert torch.equal(t, tensors[0])
+    if clip_tau is not None:
+        assert deviation <= 2 * clip_tau * 1 / 3 + 1e-3, deviation
+    else:
+        assert deviation > 10_000, deviation
+
+
 def test_shape_mismatch_is_a_clear_error(bootstrap, tmp_path):
     specs = [dict(size=1000, value=1.0, group=2, min_group=2, matchmaking_time=2),
              dict(size=1001, value=1.0, group=2, min_group=2, matchmaking_time=2)]
