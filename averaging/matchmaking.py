@@ -70,6 +70,7 @@ class Matchmaker:
         self.decided = trio.Event()
         self.rtt = 0.05  # seconds; refined from measured join round trips
         self.group_size = averager.target_group_size
+        self.mismatched: set[str] = set()  # peers seen in the last gathering whose tensors differ from ours
 
     # ------------------------------------------------------------------ one matchmaking attempt
     async def form_group(self, group_key: str, group_size: int | None = None) -> tuple[str, list[Member]]:
@@ -85,6 +86,11 @@ class Matchmaker:
                                  republish=False)
         try:
             candidates = await self._gather(group_key, announced_at)
+            if len(candidates) < av.min_group_size and self.mismatched:
+                # nobody to average with but peers whose tensors differ: say so now, before any data moves
+                raise SignatureMismatch(f"tensors differ: {len(self.mismatched)} peer(s) under {group_key!r} "
+                                        f"(e.g. {next(iter(self.mismatched))[-8:]}) average other shapes/dtypes; "
+                                        f"ours are {av.signature_text}")
             group = self._my_group(candidates)
             leader = next((m for m in group if not m.client), None)
             if leader is None:
@@ -96,7 +102,8 @@ class Matchmaker:
             return await self._join(leader.peer_id, me)
         finally:
             self.decided.set()
-            tombstone = av.dht.make_record(group_key, {"done": True}, expiration + 1e-3, subkey=av.peer_id)
+            tombstone = av.dht.make_record(group_key, {"done": True, "sig": av.signature_hash, "t": announced_at},
+                                           expiration + 1e-3, subkey=av.peer_id)
             av.node.spawn(lambda: av.dht.astore_many([tombstone], republish=False))
 
     async def _gather(self, group_key: str, announced_at: float) -> list[tuple[float, str, Member]]:
@@ -111,17 +118,22 @@ class Matchmaker:
             await trio.sleep(min(max(10 * self.rtt, 0.05), 0.5, max(deadline - trio.current_time(), 0)))
 
     def _parse(self, found: Any, announced_at: float) -> list[tuple[float, str, Member]]:
+        """Fresh announcements of peers with our tensor signature (others are noted in ``self.mismatched``)."""
         out = []
+        self.mismatched = set()
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         for peer_id, item in entries.items():
             value = getattr(item, "value", None)
-            if not isinstance(peer_id, str) or not isinstance(value, dict) or value.get("done"):
+            if not isinstance(peer_id, str) or not isinstance(value, dict):
                 continue
             t, bw = value.get("t"), value.get("bw")
-            if not isinstance(t, (int, float)) or not isinstance(bw, (int, float)) or bw < 0:
+            if not isinstance(t, (int, float)) or t < announced_at - 2 * self.av.matchmaking_time - 1.0:
+                continue  # malformed, or a stale announcement from an earlier round
+            if value.get("sig") != self.av.signature_hash:
+                self.mismatched.add(peer_id)  # also from a tombstone: that peer was here just now
                 continue
-            if t < announced_at - 2 * self.av.matchmaking_time - 1.0:
-                continue  # a stale announcement from an earlier round
+            if value.get("done") or not isinstance(bw, (int, float)) or bw < 0:
+                continue
             out.append((float(t), peer_id, Member(peer_id, float(bw), bool(value.get("client", False)))))
         if self.av.peer_id not in {p for _, p, _ in out}:
             out.append((announced_at, self.av.peer_id, Member(self.av.peer_id, self.av.bandwidth, self.av.client_mode)))

@@ -163,16 +163,18 @@ def join_command(addrs: Sequence[str], swarm: str) -> str:
 
 
 def run_roles(dht, args: argparse.Namespace) -> int:
-    """Host experts and/or train as the flags say; otherwise just serve the DHT until interrupted."""
-    from .model import ModelConfig
+    """Host experts and/or train as the flags say; otherwise just serve the DHT until interrupted.
 
+    torch is imported only for those roles: a peer that only serves the DHT starts fast and stays small."""
     metrics = None
     if args.metrics_port:
         from .roles import Metrics
         metrics = Metrics(args.metrics_port)
     server = trainer = None
     try:
-        model_config = ModelConfig.preset(args.model, expert_type=args.expert_type)
+        if args.experts or args.train:
+            from .model import ModelConfig
+            model_config = ModelConfig.preset(args.model, expert_type=args.expert_type)
         if args.experts:
             from .roles import choose_uids
             from .server import ExpertServer, create_experts

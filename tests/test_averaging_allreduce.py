@@ -102,8 +102,8 @@ def test_centered_clip_bounds_a_byzantine_peer(bootstrap, tmp_path, clip_tau):
 
 
 def test_shape_mismatch_is_a_clear_error(bootstrap, tmp_path):
-    specs = [dict(size=1000, value=1.0, group=2, min_group=2, matchmaking_time=2),
-             dict(size=1001, value=1.0, group=2, min_group=2, matchmaking_time=2)]
+    specs = [dict(size=1000, value=1.0, group=2, min_group=2, matchmaking_time=3),
+             dict(size=1001, value=1.0, group=2, min_group=2, matchmaking_time=3)]
     results, tensors = run_group(bootstrap, tmp_path, specs)
     assert not any(r[0]["ok"] for r in results)
     assert any("tensors differ" in (r[0].get("error", "") + r[0].get("reason", "")) for r in results), results
