@@ -231,6 +231,7 @@ class Trainer:
         with torch.no_grad():
             for g, a, p in zip(self.outer_grad, self.anchor, self.dense):
                 g.copy_(a - p)
+        self.publish_progress()  # once per round, so the LR schedule follows the swarm's samples closely
         if not self._average(weight=self.samples_since_sync):
             return  # keep training locally; the next round averages the longer stretch
         with torch.no_grad():
