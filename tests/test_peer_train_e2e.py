@@ -71,7 +71,9 @@ def anchor(checkpoint_dir: Path) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
-    samples, steps = 480, 60  # batch 8: 60 local steps, an averaging round every 10, evaluations at 0 and 50
+    # batch 8: the first trainers do 90 local steps (an averaging round every 10, evaluations at 0 and 50),
+    # so that the newcomer, which starts around their step 50 and does 60 steps, overlaps them for rounds
+    samples, newcomer_samples = 720, 480
     peers: list[Peer] = []
     try:
         boot = Peer("bootstrap", tmp_path, "--swarm", "e2e")
@@ -80,10 +82,10 @@ def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
         for i in range(2):
             peers.append(Peer(f"experts{i}", tmp_path, *join, "--experts", "16", "--device", "cpu"))
             peers[-1].wait_for("Hosting 16 experts", 60)
-        train = [*join, "--train", "--local-steps", "10", "--max-samples", str(samples)]
+        train = [*join, "--train", "--local-steps", "10", "--max-samples"]
         ckpt = [tmp_path / f"ckpt{i}" for i in range(4)]
-        trainers = [Peer(f"trainer{i}", tmp_path, *train, "--shard", f"{i}/3", "--checkpoint-dir", str(ckpt[i]))
-                    for i in range(3)]
+        trainers = [Peer(f"trainer{i}", tmp_path, *train, str(samples), "--shard", f"{i}/3", "--checkpoint-dir",
+                         str(ckpt[i])) for i in range(3)]
         peers += trainers
 
         # trainer 2 is killed once it has checkpointed (step 50), then restarted on the same directory
@@ -92,10 +94,12 @@ def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
         trainers[2].proc.kill()
         trainers[2].proc.wait(10)
         # meanwhile a newcomer joins (shard 0 again: data does not matter here, its catching up does)
-        newcomer = Peer("newcomer", tmp_path, *train, "--shard", "0/3", "--checkpoint-dir", str(ckpt[3]))
+        newcomer = Peer("newcomer", tmp_path, *train, str(newcomer_samples), "--shard", "0/3", "--checkpoint-dir",
+                        str(ckpt[3]))
         peers.append(newcomer)
         time.sleep(5)
-        restarted = Peer("trainer2b", tmp_path, *train, "--shard", "2/3", "--checkpoint-dir", str(ckpt[2]))
+        restarted = Peer("trainer2b", tmp_path, *train, str(samples), "--shard", "2/3", "--checkpoint-dir",
+                         str(ckpt[2]))
         peers.append(restarted)
 
         for p in (trainers[0], trainers[1], restarted, newcomer):
@@ -112,7 +116,7 @@ def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
             assert evals[0][0] == 0 and evals[-1][0] == 50, evals
             assert evals[-1][1] < evals[0][1] - 0.5, f"{p.name}: eval loss did not fall: {evals}"
 
-        # every trainer ends on an averaging round (60 is a multiple of 10): dense weights agree
+        # every trainer ends on an averaging round (90 is a multiple of 10): dense weights agree
         anchors = [anchor(ckpt[i]) for i in (0, 1)]
         for a, b in zip(*anchors):
             assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
