@@ -37,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -213,7 +214,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--vs-hivemind", action="store_true")
     parser.add_argument("--skip-ours", action="store_true")
-    parser.add_argument("--log-dir", default="/tmp/swarmtrain-bench-moe")
+    parser.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "swarmtrain-bench-moe"),
+                        help="where the workers' logs go (default: swarmtrain-bench-moe in the temp folder)")
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--json", action="store_true", help="(default) print the JSON result as the last line")
     args = parser.parse_args()
