@@ -328,8 +328,10 @@ async def _fetch_hashes(node, service: str, offer: _Offer, donors: list[str], ti
 
 async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_donors: int = 3,
                           chunk_bytes: int = 4 << 20, stall_timeout: float = 10.0,
-                          max_nbytes: int = 16 << 30) -> tuple[dict, list[torch.Tensor]] | None:
-    """Download the newest announced state of ``prefix``: ``(metadata, tensors)``, or None if none is announced.
+                          max_nbytes: int = 16 << 30, newer_than: int = -1
+                          ) -> tuple[dict, list[torch.Tensor]] | None:
+    """Download the newest announced state of ``prefix``: ``(metadata, tensors)``, or None if none is announced
+    (or none with a step above ``newer_than``: a peer that holds step N passes N and downloads nothing older).
 
     Picks the highest step, then the sha256 most donors announce (falling back to the next offers if all
     its donors fail), fetches ranges of about ``chunk_bytes`` from up to ``max_donors`` donors in parallel,
@@ -345,6 +347,7 @@ async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_
     errors: list[str] = []
     with trio.move_on_after(timeout):
         offers = _parse_offers(await dht.aget(f"{prefix}.state", latest=True), dht.peer_id, max_nbytes)
+        offers = {offer: donors for offer, donors in offers.items() if offer.step > newer_than}
         if not offers:
             return None
         for offer, announced in sorted(offers.items(), key=lambda kv: (kv[0].step, len(kv[1])), reverse=True):
@@ -373,7 +376,8 @@ async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_
 
 def download_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_donors: int = 3,
                    chunk_bytes: int = 4 << 20, stall_timeout: float = 10.0,
-                   max_nbytes: int = 16 << 30) -> tuple[dict, list[torch.Tensor]] | None:
+                   max_nbytes: int = 16 << 30, newer_than: int = -1) -> tuple[dict, list[torch.Tensor]] | None:
     """Blocking :func:`adownload_state`, for training code outside the trio loop."""
     return dht.node.run(functools.partial(adownload_state, dht, prefix, timeout=timeout, max_donors=max_donors,
-                                          chunk_bytes=chunk_bytes, stall_timeout=stall_timeout, max_nbytes=max_nbytes))
+                                          chunk_bytes=chunk_bytes, stall_timeout=stall_timeout, max_nbytes=max_nbytes,
+                                          newer_than=newer_than))

@@ -197,7 +197,8 @@ class Trainer:
     def catch_up(self) -> bool:
         """Download the swarm's shared state if a peer announces a newer one than ours; True if we did."""
         try:
-            found = download_state(self.dht, self.prefix, timeout=self.config.state_timeout)
+            found = download_state(self.dht, self.prefix, timeout=self.config.state_timeout,
+                                   newer_than=self.sync_rounds)
         except StateDownloadError as e:
             logger.warning("Could not download the swarm's state, training from our own: %s", e)
             return False
@@ -205,8 +206,6 @@ class Trainer:
             return False
         metadata, tensors = found
         ours = self._shared_tensors()
-        if metadata.get("step", -1) <= self.sync_rounds:
-            return False
         if [t.shape for t in tensors] != [t.shape for t in ours]:
             logger.warning("The swarm's state has other shapes than our model (%s); ignoring it", self.prefix)
             return False
@@ -327,7 +326,8 @@ class Trainer:
                     time.sleep(1.0)
                     continue
                 if self.step % c.eval_every == 0:
-                    self.publish_progress()
+                    if c.sync == "grad":  # DiLoCo publishes at every round already
+                        self.publish_progress()
                     eval_loss = self._evaluate_when_possible()
                     if eval_loss is not None:
                         self.history.append({"step": self.step, "samples": self.samples, "train_loss": loss,

@@ -279,6 +279,9 @@ def test_highest_step_then_most_donors_wins(client, donors):
     assert_same_state(download_state(client, "vote", timeout=30), make_state(1, 5, seed=0))
     # "newest": A and B announce step 4, C alone announces step 6.
     assert_same_state(download_state(client, "newest", timeout=30), make_state(0, 6))
+    # a peer that already holds step 6 downloads nothing; one at step 5 still gets step 6
+    assert download_state(client, "newest", timeout=30, newer_than=6) is None
+    assert_same_state(download_state(client, "newest", timeout=30, newer_than=5), make_state(0, 6))
 
 
 @pytest.mark.slow
