@@ -326,7 +326,7 @@ class Trainer:
                     time.sleep(1.0)
                     continue
                 if self.step % c.eval_every == 0:
-                    if c.sync == "grad":  # DiLoCo publishes at every round already
+                    if c.sync == "grad" or self.step % c.local_steps:  # a DiLoCo round just published it
                         self.publish_progress()
                     eval_loss = self._evaluate_when_possible()
                     if eval_loss is not None:
