@@ -6,13 +6,15 @@ members own nothing). Then, on every member at once:
 1. **Scatter-reduce.** For every other owner ``j`` open one stream and send our slice of part ``j``
    (compressed, in chunks). Owner ``j`` adds each chunk to a :class:`PartReducer` as it arrives, so
    network and reduction overlap. A sender that stalls (no chunk for ``chunk_timeout``), sends
-   NaN/Inf, or never shows up is excluded from that part.
+   NaN/Inf, or never shows up is excluded from that part; one that sent NaN/Inf or garbage is also
+   banned (:mod:`averaging.bans`).
 2. **All-gather.** When its part is reduced, the owner compresses the mean once and sends the same
    bytes back on every stream; everybody (the owner included) keeps ``decompress(bytes)``, so all
    members hold bit-identical values for the part. While waiting the owner sends keepalives, so a
-   dead or frozen owner is detected within ``chunk_timeout``.
+   dead or frozen owner is detected within ``chunk_timeout``. A result with NaN/Inf is refused (and its
+   owner banned): that part is then missing, and repaired without it.
 3. **Repair** (only when some part is missing). Ask every other member which parts it holds. A part
-   some member holds is fetched from it (raw float32, exact). A part nobody holds — its owner died
+   some member holds is fetched from it (raw float32, exact, checked finite). A part nobody holds — its owner died
    before sending it to anyone — is reduced again by the first responsive non-client member, from
    the contributions of all responsive members.
 
@@ -35,7 +37,7 @@ from p2p.streams import PayloadSender, receive_payload
 
 from .compression import Compression
 from .partition import split_by_bandwidth
-from .reduce import PartReducer, ReduceError
+from .reduce import BadContribution, PartReducer, ReduceError, all_finite
 
 if TYPE_CHECKING:
     from .averager import Averager
@@ -172,7 +174,7 @@ class AllReduceRound:
                         if i >= len(chunks):
                             raise ReduceError("owner sent more chunks than the part has")
                         a, b = chunks[i]
-                        self.compression.decompress(blob, b - a, out=self.result[a:b])
+                        self._accept_result(owner, blob, a, b)
                         i += 1
                 if i != len(chunks):
                     raise ReduceError(f"owner sent {i} of {len(chunks)} chunks")
@@ -185,11 +187,27 @@ class AllReduceRound:
             logger.info("Round %s: part %d with owner %s failed: %s", self.round_id[-8:], part, owner[-8:], e)
             return False
 
+    def _accept_result(self, owner: str, blob, a: int, b: int) -> None:
+        """Decode an owner's reduced chunk into ``result[a:b]``; an owner that sends garbage is banned."""
+        try:
+            self.compression.decompress(blob, b - a, out=self.result[a:b])
+        except ValueError as e:
+            self._ban(owner, f"sent an undecodable result chunk: {e}")
+            raise ReduceError(f"owner {owner[-8:]} sent an undecodable result chunk") from None
+        if not all_finite(self.result[a:b]):
+            self._ban(owner, "sent a result with NaN/inf")
+            raise ReduceError(f"owner {owner[-8:]} sent a result with NaN/inf")
+
+    def _ban(self, peer_id: str, reason: str) -> None:
+        self.averager.bans.ban(peer_id, f"round {self.round_id[-8:]}: {reason}")
+
     # ------------------------------------------------------------------ owner side (called by the RPC handler)
     async def serve_part(self, stream, sender_id: str, part: int, weight: float, repair: bool) -> None:
         """Receive ``sender_id``'s slice of ``part``, then send back the reduced part."""
         if sender_id not in self.peer_ids or not 0 <= part < len(self.parts):
             raise ValueError(f"{sender_id[-8:]} is not a member of round {self.round_id[-8:]} or part is invalid")
+        if self.averager.bans.is_banned(sender_id):
+            raise ValueError(f"we do not average with you: {self.averager.bans.why(sender_id)}")
         with trio.move_on_after(self.chunk_timeout * 2):
             await self._event(self.reducer_ready, part).wait()
         reducer = self.reducers.get(part)
@@ -203,7 +221,10 @@ class AllReduceRound:
                                        timeout=self.chunk_timeout) as incoming:
                 for a, b in self._chunks(part):
                     blob = await incoming.__anext__()
-                    values = self.compression.decompress(blob, b - a)
+                    try:
+                        values = self.compression.decompress(blob, b - a)
+                    except ValueError as e:
+                        raise BadContribution(sender_id, f"undecodable chunk at {a - start}: {e}") from None
                     reducer.add(sender_id, a - start, values, weight)
                 async for _ in incoming:
                     raise ReduceError("sender sent more chunks than the part has")
@@ -214,6 +235,8 @@ class AllReduceRound:
                 reducer.exclude(sender_id)
                 self.stats.excluded.add(sender_id)
                 self._poke(part)
+            if isinstance(e, BadContribution):
+                self.averager.bans.ban(sender_id, f"round {self.round_id[-8:]} part {part}: {e.reason}")
             if isinstance(e, (ReduceError, P2PError, ValueError, StopAsyncIteration)):
                 logger.info("Round %s: excluded %s from part %d: %s", self.round_id[-8:], sender_id[-8:], part,
                             e or type(e).__name__)
@@ -279,7 +302,7 @@ class AllReduceRound:
             for m in self.members:
                 if m.peer_id != self.me and not m.client:
                     nursery.start_soon(ask, m.peer_id)
-        responsive = [p for p in self.peer_ids if p in holders]
+        responsive = [p for p in self.peer_ids if p in holders and not self.averager.bans.is_banned(p)]
         self.repair_owner: dict[int, str] = {}
         to_fetch, to_reduce = {}, []
         for j in missing:
@@ -324,6 +347,9 @@ class AllReduceRound:
                         offset += len(blob)
                 await read_reply(stream, "fetch")
             if offset == len(view):
+                if not all_finite(self.result[start:end]):
+                    self._ban(donor, f"served part {part} with NaN/inf")
+                    return False
                 self.have.add(part)
                 return True
         except (P2PError, ValueError) as e:

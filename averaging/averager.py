@@ -28,6 +28,7 @@ from p2p import ServiceLimits
 from p2p.rpc import CallContext
 
 from .allreduce import AllReduceRound, default_chunk_elems
+from .bans import BanList
 from .compression import choose_compression
 from .matchmaking import Matchmaker, MatchmakingFailed
 from .partition import FlatBuffer
@@ -72,13 +73,15 @@ class Averager:
         a part by at most ``clip_tau * its weight / the honest weight`` (L2) however wrong its values are.
         Pick it above the honest spread of a part (honest contributions within ``clip_tau`` of each other
         average exactly). None (default): the exact weighted mean.
+    :param ban_seconds: how long a peer that sent NaN/inf, out-of-range or undecodable data is refused
+        (:mod:`averaging.bans`); 0 disables banning (such data is still excluded from the round).
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], dht: DHT, prefix: str, *, target_group_size: int = 4,
                  min_group_size: int = 2, compression: str = "none", bandwidth: float = 100.0,
                  matchmaking_time: float = 3.0, chunk_timeout: float | None = None,
                  round_timeout: float | None = None, chunk_bytes: int = 1 << 20, window_bytes: int = 8 << 20,
-                 clip_tau: float | None = None):
+                 clip_tau: float | None = None, ban_seconds: float = 600.0):
         if "/" in prefix or not prefix:
             raise ValueError(f"prefix must be non-empty and contain no '/': {prefix!r}")
         if not 2 <= min_group_size <= target_group_size:
@@ -88,6 +91,7 @@ class Averager:
         if clip_tau is not None and not (math.isfinite(clip_tau) and clip_tau > 0):
             raise ValueError(f"clip_tau must be a positive finite number, got {clip_tau!r}")
         self.clip_tau = clip_tau
+        self.bans = BanList(ban_seconds)
         self.dht, self.node, self.prefix = dht, dht.node, prefix
         self.peer_id, self.client_mode = dht.peer_id, dht.client_mode
         self.target_group_size, self.min_group_size = target_group_size, min_group_size

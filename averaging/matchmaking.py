@@ -129,6 +129,8 @@ class Matchmaker:
             t, bw = value.get("t"), value.get("bw")
             if not isinstance(t, (int, float)) or t < announced_at - 2 * self.av.matchmaking_time - 1.0:
                 continue  # malformed, or a stale announcement from an earlier round
+            if self.av.bans.is_banned(peer_id):
+                continue  # it sent us garbage recently: we neither lead nor follow it
             if value.get("sig") != self.av.signature_hash:
                 self.mismatched.add(peer_id)  # also from a tombstone: that peer was here just now
                 continue
@@ -210,6 +212,8 @@ class Matchmaker:
         av = self.av
         if not isinstance(args, dict) or not isinstance(args.get("bw"), (int, float)):
             raise ValueError("join needs {'sig', 'bw', 'client'}")
+        if av.bans.is_banned(peer_id):
+            raise MatchmakingFailed(f"we do not average with you: {av.bans.why(peer_id)}")
         if args.get("sig") != av.signature_hash:
             raise SignatureMismatch(f"tensors differ: ours are {av.signature_text}")
         with trio.move_on_after(av.matchmaking_time + 10 * self.rtt):

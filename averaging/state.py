@@ -360,6 +360,9 @@ async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_
                 transfer = _Transfer(dht.node, service, offer, hashes, donors, max_donors, range_bytes, stall_timeout)
                 blob = await transfer.run()
                 metadata, tensors = await trio.to_thread.run_sync(decode_state, blob)
+                broken = [i for i, t in enumerate(tensors) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+                if broken:  # a donor's hashes only prove it sent what it announced, not that it is sane
+                    raise StateFormatError(f"tensors {broken[:5]} contain NaN/inf")
             except (StateDownloadError, StateFormatError) as e:
                 logger.warning("State %s: step %d from %d donors failed: %s", prefix, offer.step, len(announced), e)
                 errors.append(str(e))

@@ -4,7 +4,8 @@ Joins the swarm, waits until ``--start-at`` (unix time) so that all peers step t
 ``--rounds`` averaging steps and prints one JSON line per step, then saves its tensor (``--out``,
 torch.save) and prints ``{"done": true}``. The tensor is ``--size`` float32 elements equal to
 ``--value`` (or random with ``--seed``); ``--nan`` poisons it so the peer's contributions must be
-rejected by the others.
+rejected by the others. ``--garbage`` makes a Byzantine peer: its tensor is fine (so its own checks pass)
+but every chunk it sends, contributions and reduced results alike, is NaN.
 """
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # our packages 
 from averaging import Averager
 from dht import DHT
 from p2p import setup_logging
+
+
+class NaNSender:
+    """Wraps a compression so that everything it encodes is NaN (decoding is left alone)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def compress(self, values: torch.Tensor):
+        return self.inner.compress(torch.full_like(values, float("nan")))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def main() -> None:
@@ -41,6 +55,8 @@ def main() -> None:
     p.add_argument("--start-at", type=float, default=0.0, help="unix time to start; -1: wait for a line on stdin")
     p.add_argument("--pause", type=float, default=0.5, help="seconds between rounds")
     p.add_argument("--nan", action="store_true")
+    p.add_argument("--garbage", action="store_true", help="send NaN in every chunk (a Byzantine peer)")
+    p.add_argument("--ban-seconds", type=float, default=600.0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply our contribution (a Byzantine peer)")
     p.add_argument("--clip-tau", type=float, default=None, help="CenteredClip radius (robust rounds)")
     p.add_argument("--client-mode", action="store_true")
@@ -61,7 +77,9 @@ def main() -> None:
     averager = Averager([tensor], dht, "bench", target_group_size=args.group, min_group_size=args.min_group,
                         compression=args.compression, bandwidth=args.bandwidth,
                         matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout,
-                        clip_tau=args.clip_tau)
+                        clip_tau=args.clip_tau, ban_seconds=args.ban_seconds)
+    if args.garbage:
+        averager.compression = NaNSender(averager.compression)
     print(json.dumps({"peer_id": dht.peer_id, "addrs": dht.addrs}), flush=True)
     if args.start_at < 0:
         sys.stdin.readline()
@@ -73,7 +91,8 @@ def main() -> None:
             line = {"round": r, "ok": res.ok, "group_size": res.group_size, "duration": res.duration,
                     "matchmaking_s": res.matchmaking_s, "allreduce_s": res.allreduce_s,
                     "bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received, "excluded": res.excluded,
-                    "repaired": res.repaired_parts, "reason": res.reason, "peers": res.peers}
+                    "repaired": res.repaired_parts, "reason": res.reason, "peers": res.peers,
+                    "banned": averager.bans.banned()}
         except ValueError as e:
             line = {"round": r, "ok": False, "error": str(e), "duration": time.time() - t0}
         line["wall"] = time.time() - t0

@@ -166,6 +166,8 @@ class DHT:
                 if republish:
                     self._owned[(record.key_id, record.subkey)] = record
         batches: dict[str, tuple[PeerInfo, list[int]]] = {}
+        spares: dict[DHTID, list[PeerInfo]] = {}  # answered the lookup but are not among the nearest
+        missing: dict[DHTID, int] = {}  # replicas of a key that a target failed to take
 
         lookups = trio.CapacityLimiter(MAX_PARALLEL_LOOKUPS)
 
@@ -173,6 +175,7 @@ class DHT:
             async with lookups:
                 found = await lookup(self.protocol, key_id, want_values=False, count=self.config.num_replicas)
             targets = found.nearest[: self.config.num_replicas]
+            spares[key_id] = found.nearest[self.config.num_replicas:]
             if self._is_replica(key_id, targets):
                 for i in indices:
                     accepted[i] |= self.protocol.accept(records[i])[0]
@@ -183,10 +186,13 @@ class DHT:
             for peer in targets:
                 batches.setdefault(peer.peer_id, (peer, []))[1].extend(indices)
 
-        async def send(peer: PeerInfo, indices: list[int]) -> None:
+        async def send(peer: PeerInfo, indices: list[int], note_failures: bool) -> None:
             for start in range(0, len(indices), self.config.max_batch):
                 part = indices[start:start + self.config.max_batch]
                 reply = await self.protocol.store(peer, [records[i] for i in part])
+                if reply is None and note_failures:
+                    for key_id in {records[i].key_id for i in part}:
+                        missing[key_id] = missing.get(key_id, 0) + 1
                 for i, item in zip(part, reply or []):
                     ok = isinstance(item, list) and len(item) == 2 and item[0] is True
                     accepted[i] |= ok
@@ -198,7 +204,16 @@ class DHT:
                 nursery.start_soon(locate, key_id, indices)
         async with trio.open_nursery() as nursery:
             for peer, indices in batches.values():
-                nursery.start_soon(send, peer, indices)
+                nursery.start_soon(send, peer, indices, True)
+        # A target that did not answer (dead since the lookup, or overloaded) would leave its keys one replica
+        # short until the next republish: give those replicas to the next-nearest peers that answered.
+        retries: dict[str, tuple[PeerInfo, list[int]]] = {}
+        for key_id, count in missing.items():
+            for peer in spares.get(key_id, [])[:count]:
+                retries.setdefault(peer.peer_id, (peer, []))[1].extend(by_key[key_id])
+        async with trio.open_nursery() as nursery:
+            for peer, indices in retries.values():
+                nursery.start_soon(send, peer, indices, False)
         return accepted
 
     def _is_replica(self, key_id: DHTID, nearest: list[PeerInfo]) -> bool:

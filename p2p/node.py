@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ import multiaddr
 import trio
 from libp2p import new_host
 from libp2p.custom_types import TProtocol
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -33,6 +34,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 
 from . import rpc
+from .limits import LogThrottle
 from .errors import P2PError, P2PTimeout, PeerUnreachable
 from .framing import FramedStream
 from .identity import load_or_create_identity, peer_id_of
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
 ADDR_TTL = 3600  # seconds an address learned from the DHT stays in the peerstore
+NEGATIVE_DIAL_CACHE_S = 5.0  # seconds a peer whose every address failed is not redialed
 
 
 def parse_maddr(addr: str) -> multiaddr.Multiaddr:
@@ -72,13 +75,15 @@ class Node:
     :param allowed_peers: peer IDs allowed to talk to us (None: everyone). Streams from other peers are
         reset before any handler runs (so they can call no RPC: no DHT store, no averaging, no expert),
         and we open no stream to them. Our own ID is always allowed.
+    :param max_streams_per_peer: inbound streams one peer may hold open at once, over all services; more
+        are reset before any handler runs (calls reuse pooled streams, so honest peers use a handful).
     :param start: start the loop thread right away.
     """
 
     def __init__(self, *, swarm: str = "default", host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS,
                  announce_maddrs: Sequence[str] = (), identity_path: str | None = None,
                  client_mode: bool = False, psk: str | None = None, allowed_peers: Sequence[str] | None = None,
-                 start: bool = True):
+                 max_streams_per_peer: int = 128, start: bool = True):
         if not swarm or "/" in swarm:
             raise ValueError(f"swarm name must be non-empty and contain no '/': {swarm!r}")
         self.swarm, self.client_mode = swarm, client_mode
@@ -93,6 +98,9 @@ class Node:
         self._psk = psk
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers) | {self.peer_id}
         self._refused: set[str] = set()  # peers whose refusal was logged already
+        self.max_streams_per_peer = max_streams_per_peer
+        self._inbound: Counter[str] = Counter()  # open inbound streams per peer
+        self._stream_refusals = LogThrottle(10.0)
         self._handlers: dict[TProtocol, Callable[[FramedStream], Awaitable[None]]] = {}
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -130,6 +138,15 @@ class Node:
                 connection_config=ConnectionConfig(max_connections_per_peer=1, dial_timeout=10.0),
                 announce_addrs=self._announce or None, psk=self._psk, enable_mDNS=False, enable_upnp=False,
             )
+            network = self.host.get_network()
+            # A refused or timed-out TCP dial is an answer: libp2p's default retries with backoff (0.1+0.2+0.4 s)
+            # made every lookup through a routing table with departed peers ~0.75 s per dead peer slower.
+            network.retry_config = RetryConfig(max_retries=0)
+            # libp2p refuses to redial a peer whose dial failed for 60 s; a peer restarted or back from a cut
+            # link must be reachable again sooner than that
+            negative_cache = getattr(network, "_negative_peer_cache", None)
+            if negative_cache is not None and hasattr(negative_cache, "_ttl"):
+                negative_cache._ttl = NEGATIVE_DIAL_CACHE_S
             for proto, handler in self._handlers.items():
                 self.host.set_stream_handler(proto, self._wrap_handler(handler))
             async with self.host.run(listen_addrs=self._listen):
@@ -257,6 +274,13 @@ class Node:
                     logger.info("Refused streams from %s: not in this swarm's allowlist", peer)
                 await raw.reset()
                 return
+            if self._inbound[peer] >= self.max_streams_per_peer:
+                if self._stream_refusals.should_log(peer):
+                    logger.info("Peer %s holds %d open streams (the cap); resetting its new ones", peer[-8:],
+                                self._inbound[peer])
+                await raw.reset()
+                return
+            self._inbound[peer] += 1
             stream = FramedStream(raw, peer, max_frame_bytes=max_frame_bytes, timeout=timeout)
             try:
                 await handler(stream)
@@ -266,6 +290,10 @@ class Node:
                 await stream.reset()
             else:
                 await stream.close()
+            finally:
+                self._inbound[peer] -= 1
+                if not self._inbound[peer]:
+                    del self._inbound[peer]
         return on_stream
 
     async def open_stream(self, peer_id: str, service: str, *, version: str = "1",

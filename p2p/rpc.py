@@ -6,7 +6,7 @@ reuse idle streams from a per-peer pool (:class:`StreamPool`); streaming calls g
 On a stream the server loops over calls:
 
 1. the caller sends a message frame ``[method, args]``;
-2. the server checks the per-peer concurrency limit, finds the method and runs it under the
+2. the server checks the per-peer rate and concurrency limits, finds the method and runs it under the
    service's handler deadline; a streaming method may exchange more frames on ``ctx.stream``;
 3. the server answers ``["ok", result]`` or ``["err", exception type, message]`` and waits for the
    next request on the same stream (closing it after ``idle_timeout`` without one).
@@ -27,6 +27,7 @@ import trio
 
 from .errors import MessageTooLarge, P2PError, P2PTimeout, PeerBusy, ProtocolViolation, RemoteError, StreamAborted
 from .framing import MSG, FramedStream, pack, unpack
+from .limits import LogThrottle, RateLimiter
 
 if TYPE_CHECKING:
     from .node import Node
@@ -40,6 +41,8 @@ class ServiceLimits:
 
     :param max_message_bytes: largest request/response frame accepted (bigger is refused before it is read).
     :param max_concurrent_per_peer: calls one peer may have in flight; more are answered with PeerBusy.
+    :param max_calls_per_second: calls one peer may start per second, sustained (bursts of up to one
+        second's worth); more are answered with PeerBusy before any handler runs.
     :param handler_timeout: a handler running longer than this is cancelled and the caller told so.
     :param read_timeout: how long the server waits for each frame of a call (stalled callers are dropped).
     :param idle_timeout: an open stream with no new request for this long is closed by the server.
@@ -47,6 +50,7 @@ class ServiceLimits:
 
     max_message_bytes: int = 4 << 20
     max_concurrent_per_peer: int = 32
+    max_calls_per_second: float = 500.0
     handler_timeout: float = 30.0
     read_timeout: float = 10.0
     idle_timeout: float = 60.0
@@ -73,7 +77,9 @@ class RPCServer:
         self.node, self.service, self.methods = node, service, dict(methods)
         self.limits = limits or ServiceLimits()
         self.in_flight: Counter[str] = Counter()
-        self.calls_served = self.calls_failed = 0
+        self.rate = RateLimiter(self.limits.max_calls_per_second)
+        self._refusals = LogThrottle(10.0)
+        self.calls_served = self.calls_failed = self.calls_refused = 0
         node.set_stream_handler(service, self._serve, version=version,
                                 max_frame_bytes=self.limits.max_message_bytes, timeout=self.limits.read_timeout)
 
@@ -126,11 +132,11 @@ class RPCServer:
             logger.info("Peer %s called unknown method %s.%s", peer[-8:], self.service, method)
             await self._reply_error(stream, ProtocolViolation(f"unknown method {self.service}.{method!r}"), "UnknownMethod")
             return True
+        if not self.rate.allow(peer):
+            return await self._refuse(stream, peer, method, f"over {self.limits.max_calls_per_second:g} calls/s")
         if self.in_flight[peer] >= self.limits.max_concurrent_per_peer:
-            logger.info("Peer %s is over its %d concurrent %s calls; refusing", peer[-8:],
-                        self.limits.max_concurrent_per_peer, self.service)
-            await self._reply_error(stream, PeerBusy(peer, method, "PeerBusy", "too many calls in flight"), "PeerBusy")
-            return True
+            return await self._refuse(stream, peer, method,
+                                      f"over {self.limits.max_concurrent_per_peer} calls in flight")
         self.in_flight[peer] += 1
         try:
             with trio.fail_after(self.limits.handler_timeout):
@@ -160,6 +166,14 @@ class RPCServer:
             self.in_flight[peer] -= 1
             if not self.in_flight[peer]:
                 del self.in_flight[peer]
+
+    async def _refuse(self, stream: FramedStream, peer: str, method: str, why: str) -> bool:
+        """Answer PeerBusy (the stream stays usable); one log line per peer and 10 s however many refusals."""
+        self.calls_refused += 1
+        if self._refusals.should_log(peer):
+            logger.info("Peer %s is %s on %s; refusing its calls for now", peer[-8:], why, self.service)
+        await self._reply_error(stream, PeerBusy(peer, method, "PeerBusy", why), "PeerBusy")
+        return True
 
     async def _discard_rest(self, stream: FramedStream) -> None:
         """Drop the rest of a refused oversized request unread, for at most ``read_timeout``.

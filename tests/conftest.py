@@ -13,6 +13,7 @@ printed when ``expect`` fails, so a crashed child explains itself.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import queue
 import signal
@@ -25,6 +26,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# In-process nodes (bootstraps) would print libp2p's routine dial errors through logging's last-resort handler.
+for _name in ("libp2p", "multiaddr", "async_service"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
 
 
 def _die_with_parent() -> None:

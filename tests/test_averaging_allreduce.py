@@ -110,6 +110,32 @@ def test_shape_mismatch_is_a_clear_error(bootstrap, tmp_path):
     assert torch.all(tensors[0] == 1.0) and torch.all(tensors[1] == 1.0)
 
 
+def test_garbage_sender_is_excluded_then_banned(bootstrap, tmp_path):
+    """1 of 4 peers is Byzantine: every chunk it sends, its contributions and the reduced part it owns, is NaN.
+    Round 1: the honest three exclude its contributions, refuse its NaN result, re-reduce its part among
+    themselves and all hold the honest mean; each bans it. Round 2: they average without it; it finds no group."""
+    values = [1.0, 2.0, 6.0, 50.0]
+    specs = [dict(size=40_000, value=v, group=4, min_group=2, matchmaking_time=3, rounds=2, pause=1.0)
+             for v in values]
+    specs[3]["garbage"] = True
+    peers = start_peers(bootstrap, tmp_path, specs)
+    try:
+        go(peers)
+        results, tensors = [p.results(120) for p in peers], [p.tensor() for p in peers]
+        byzantine = peers[3].info["peer_id"]
+    finally:
+        stop(peers)
+    honest_mean = sum(values[:3]) / 3
+    for res, t in zip(results[:3], tensors[:3]):
+        first, second = res
+        assert first["ok"] and first["group_size"] == 4 and byzantine in first["excluded"], first
+        assert byzantine in first["banned"], first
+        assert second["ok"] and second["group_size"] == 3 and byzantine not in second["peers"], second
+        assert not torch.isnan(t).any()
+        assert torch.all(t == honest_mean), t.unique()
+    assert not results[3][1]["ok"], results[3]
+
+
 def _subset_means(values):
     """Means over every subset of at least two members (values are distinct powers of two, so these
     means tell the subsets apart and none equals a single member's own value)."""
