@@ -47,7 +47,7 @@ def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> No
 
 
 def run_swarm(tmp: Path, name: str, trainers: int, samples: int, sync: str, local_steps: int,
-              timeout: float) -> dict:
+              timeout: float, compression: str = "none") -> dict:
     """One fresh swarm; returns the trainers' final results and the wall time."""
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
@@ -67,7 +67,8 @@ def run_swarm(tmp: Path, name: str, trainers: int, samples: int, sync: str, loca
             wait_for(log, "Hosting 16 experts", procs[-1], 120)
         logs = [tmp / f"{name}-trainer{i}.log" for i in range(trainers)]
         workers = [peer(logs[i], *join, "--train", "--sync", sync, "--local-steps", str(local_steps),
-                        "--max-samples", str(samples), "--shard", f"{i}/{trainers}") for i in range(trainers)]
+                        "--max-samples", str(samples), "--shard", f"{i}/{trainers}",
+                        "--compression", compression) for i in range(trainers)]
         procs += workers
         results = []
         for w, log in zip(workers, logs):
@@ -103,12 +104,15 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=800, help="samples per swarm trainer (default: %(default)s)")
     p.add_argument("--grad-samples", type=int, default=160, help="samples per trainer of the grad run")
     p.add_argument("--local-steps", type=int, default=10, help="DiLoCo inner steps (default: %(default)s)")
+    p.add_argument("--compression", default="none", choices=["none", "fp16", "int8"],
+                   help="how the DiLoCo run's averaging encodes pseudo-gradients (the grad run stays exact)")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
     p.add_argument("--json", action="store_true", help="(kept for symmetry with the other benches)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
-        diloco = run_swarm(tmp, "bench-diloco", args.trainers, args.samples, "diloco", args.local_steps, args.timeout)
+        diloco = run_swarm(tmp, "bench-diloco", args.trainers, args.samples, "diloco", args.local_steps, args.timeout,
+                           args.compression)
         single = run_swarm(tmp, "bench-single", 1, args.trainers * args.samples, "diloco", args.local_steps,
                            args.timeout)
         grad = run_swarm(tmp, "bench-grad", args.trainers, args.grad_samples, "grad", 1, args.timeout)
@@ -116,6 +120,7 @@ def main() -> int:
     loss_single, _ = summary(single)
     loss_grad, bytes_grad = summary(grad)
     out = {"trainers": args.trainers, "samples_per_trainer": args.samples, "local_steps": args.local_steps,
+           "compression": args.compression,
            "eval_loss_swarm": round(loss_swarm, 4), "eval_loss_single": round(loss_single, 4),
            "loss_ratio": round(loss_swarm / loss_single, 4), "eval_loss_grad": round(loss_grad, 4),
            "bytes_per_sample": {"grad": round(bytes_grad), "diloco": round(bytes_diloco)},

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="diloco: average pseudo-gradients every --local-steps steps (default); "
                             "grad: average gradients every step")
     train.add_argument("--local-steps", type=int, default=20, help="DiLoCo inner steps per averaging round")
+    train.add_argument("--compression", default="none", choices=["none", "fp16", "int8"],
+                       help="how averaging rounds encode the dense tensors they send: none (exact float32), "
+                            "fp16 (half the bytes) or int8 (a quarter, blockwise 8-bit; default: none)")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per local step")
     train.add_argument("--max-samples", type=int, default=None, help="stop after this many local samples")
     train.add_argument("--shard", default="0/1", metavar="I/N",
@@ -188,6 +191,7 @@ def run_roles(dht, args: argparse.Namespace) -> int:
             from .trainer import TrainConfig, Trainer
             trainer = Trainer(dht, TrainConfig(model=args.model, batch_size=args.batch_size, sync=args.sync,
                                                local_steps=args.local_steps, max_samples=args.max_samples,
+                                               compression=args.compression,
                                                data=args.data, shard=args.shard, num_shards=args.num_shards,
                                                checkpoint_dir=args.checkpoint_dir), model_config=model_config)
             from .status import StatusLine
