@@ -197,6 +197,10 @@ class AllReduceRound:
         if not all_finite(self.result[a:b]):
             self._ban(owner, "sent a result with NaN/inf")
             raise ReduceError(f"owner {owner[-8:]} sent a result with NaN/inf")
+        bound = self.averager.max_abs_value  # a mean of in-range values is in range
+        if bound is not None and b > a and float(self.result[a:b].abs().max()) > bound:
+            self._ban(owner, f"sent a result beyond +-{bound:g}")
+            raise ReduceError(f"owner {owner[-8:]} sent a result beyond +-{bound:g}")
 
     def _ban(self, peer_id: str, reason: str) -> None:
         self.averager.bans.ban(peer_id, f"round {self.round_id[-8:]}: {reason}")
@@ -225,6 +229,9 @@ class AllReduceRound:
                         values = self.compression.decompress(blob, b - a)
                     except ValueError as e:
                         raise BadContribution(sender_id, f"undecodable chunk at {a - start}: {e}") from None
+                    bound = self.averager.max_abs_value
+                    if bound is not None and values.numel() and float(values.abs().max()) > bound:
+                        raise BadContribution(sender_id, f"chunk at {a - start} has values beyond +-{bound:g}")
                     reducer.add(sender_id, a - start, values, weight)
                 async for _ in incoming:
                     raise ReduceError("sender sent more chunks than the part has")

@@ -73,6 +73,8 @@ class Averager:
         a part by at most ``clip_tau * its weight / the honest weight`` (L2) however wrong its values are.
         Pick it above the honest spread of a part (honest contributions within ``clip_tau`` of each other
         average exactly). None (default): the exact weighted mean.
+    :param max_abs_value: if set, a contribution with any element beyond +-max_abs_value is out of range:
+        excluded from the round and its sender banned, like NaN (pick it well above honest values).
     :param ban_seconds: how long a peer that sent NaN/inf, out-of-range or undecodable data is refused
         (:mod:`averaging.bans`); 0 disables banning (such data is still excluded from the round).
     """
@@ -81,7 +83,7 @@ class Averager:
                  min_group_size: int = 2, compression: str = "none", bandwidth: float = 100.0,
                  matchmaking_time: float = 3.0, chunk_timeout: float | None = None,
                  round_timeout: float | None = None, chunk_bytes: int = 1 << 20, window_bytes: int = 8 << 20,
-                 clip_tau: float | None = None, ban_seconds: float = 600.0):
+                 clip_tau: float | None = None, max_abs_value: float | None = None, ban_seconds: float = 600.0):
         if "/" in prefix or not prefix:
             raise ValueError(f"prefix must be non-empty and contain no '/': {prefix!r}")
         if not 2 <= min_group_size <= target_group_size:
@@ -90,7 +92,9 @@ class Averager:
             raise ValueError("bandwidth must be a positive number of MB/s")
         if clip_tau is not None and not (math.isfinite(clip_tau) and clip_tau > 0):
             raise ValueError(f"clip_tau must be a positive finite number, got {clip_tau!r}")
-        self.clip_tau = clip_tau
+        if max_abs_value is not None and not max_abs_value > 0:
+            raise ValueError(f"max_abs_value must be > 0, got {max_abs_value!r}")
+        self.clip_tau, self.max_abs_value = clip_tau, max_abs_value
         self.bans = BanList(ban_seconds)
         self.dht, self.node, self.prefix = dht, dht.node, prefix
         self.peer_id, self.client_mode = dht.peer_id, dht.client_mode
@@ -148,6 +152,9 @@ class Averager:
             local = self.buffer.load_from_tensors()
             if not bool(torch.isfinite(local).all()):
                 raise ValueError("our own tensors contain NaN/Inf; refusing to average them into the group")
+            if self.max_abs_value is not None and local.numel() and float(local.abs().max()) > self.max_abs_value:
+                raise ValueError(f"our own tensors have values beyond +-{self.max_abs_value:g} (max_abs_value); "
+                                 f"the group would ban us")
             budget = timeout or self._default_timeout()
             result = StepResult(ok=False)
             round_ = None

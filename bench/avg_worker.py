@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--nan", action="store_true")
     p.add_argument("--garbage", action="store_true", help="send NaN in every chunk (a Byzantine peer)")
     p.add_argument("--ban-seconds", type=float, default=600.0)
+    p.add_argument("--max-abs-value", type=float, default=None, help="contributions beyond this are banned")
     p.add_argument("--scale", type=float, default=1.0, help="multiply our contribution (a Byzantine peer)")
     p.add_argument("--clip-tau", type=float, default=None, help="CenteredClip radius (robust rounds)")
     p.add_argument("--client-mode", action="store_true")
@@ -77,7 +78,8 @@ def main() -> None:
     averager = Averager([tensor], dht, "bench", target_group_size=args.group, min_group_size=args.min_group,
                         compression=args.compression, bandwidth=args.bandwidth,
                         matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout,
-                        clip_tau=args.clip_tau, ban_seconds=args.ban_seconds)
+                        clip_tau=args.clip_tau, ban_seconds=args.ban_seconds,
+                        max_abs_value=args.max_abs_value)
     if args.garbage:
         averager.compression = NaNSender(averager.compression)
     print(json.dumps({"peer_id": dht.peer_id, "addrs": dht.addrs}), flush=True)

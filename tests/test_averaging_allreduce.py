@@ -136,6 +136,28 @@ def test_garbage_sender_is_excluded_then_banned(bootstrap, tmp_path):
     assert not results[3][1]["ok"], results[3]
 
 
+def test_out_of_range_sender_is_excluded_and_banned(bootstrap, tmp_path):
+    """With max_abs_value=100, a peer sending its values x1000 (beyond 100; it skips its own check) is out of
+    range: every honest owner excludes its contributions and bans it; the part it owns comes back out of
+    range too, so the honest members refuse it and re-reduce it among themselves: all hold the honest mean."""
+    n, size = 4, 50_000
+    specs = [dict(size=size, seed=i, group=n, matchmaking_time=3, max_abs_value=100.0) for i in range(n)]
+    specs[3].update(scale=1000.0, max_abs_value=None)
+    peers = start_peers(bootstrap, tmp_path, specs)
+    try:
+        go(peers)
+        results, tensors = [p.results(90) for p in peers], [p.tensor() for p in peers]
+        byzantine = peers[3].info["peer_id"]
+    finally:
+        stop(peers)
+    honest = torch.stack([torch.randn(size, generator=torch.Generator().manual_seed(i)) for i in range(3)]).mean(0)
+    for res, t in zip(results[:3], tensors[:3]):
+        assert res[0]["ok"] and byzantine in res[0]["excluded"] and byzantine in res[0]["banned"], res
+    for t in tensors[:3]:
+        assert torch.allclose(t, honest, atol=1e-5)
+        assert torch.equal(t, tensors[0])
+
+
 def _subset_means(values):
     """Means over every subset of at least two members (values are distinct powers of two, so these
     means tell the subsets apart and none equals a single member's own value)."""
