@@ -62,7 +62,8 @@ class Averager:
     :param dht: a running :class:`dht.DHT`; the averager serves its RPCs on the DHT's node.
     :param prefix: name of what is averaged (e.g. the model name); peers with the same prefix average.
     :param target_group_size: peers per all-reduce group; ``min_group_size``: fewest worth a round.
-    :param compression: "none", "fp16" or "int8" (8-bit blockwise); tensors under 64K elements stay exact.
+    :param compression: "none", "fp16" or "int8" (8-bit blockwise); a buffer under 4096 elements in all
+        (16 KB) stays exact, where compressing saves nothing that matters.
     :param bandwidth: this peer's declared bandwidth in MB/s; parts are sized by it. Client-mode peers
         (behind NAT) contribute but own no part.
     :param matchmaking_time: how long to wait for peers to show up before averaging with those present.
@@ -102,7 +103,7 @@ class Averager:
         self.bandwidth, self.matchmaking_time = float(bandwidth) * 1e6, matchmaking_time
         self.buffer = FlatBuffer(tensors)
         self.results = [torch.empty_like(self.buffer.buffer), torch.empty_like(self.buffer.buffer)]
-        self.compression = choose_compression(self.buffer.numel, compression)
+        self.compression = choose_compression(self.buffer.numel, compression, min_numel_to_compress=4096)
         self.chunk_elems = default_chunk_elems(self.compression, chunk_bytes)
         self.window_bytes = window_bytes
         self.max_frame = max(chunk_bytes * 2, self.compression.bytes_for(self.chunk_elems) + 4096)
