@@ -5,6 +5,7 @@
     with Topology(4, bandwidth_mbit=100) as topo:        # needs root and iproute2 (`ip`, `tc`)
         server = topo.run(0, [sys.executable, "server.py", "--host", topo.addr(0)])
         client = topo.run(1, [sys.executable, "client.py", "--connect", topo.addr(0)])
+        topo.set_link(1, up=False)                       # cut host 1's cable; set_link(1, True) restores it
         client.wait()
     # every process started with run() is killed and every namespace and link is gone here,
     # also after an exception, Ctrl+C or SIGTERM
@@ -190,6 +191,18 @@ class Topology:
         proc = subprocess.Popen(self.command(i, argv), **popen_kwargs)
         self._procs.append(proc)
         return proc
+
+    def set_link(self, i: int, up: bool) -> None:
+        """Cut (``up=False``) or restore host ``i``'s link, at its switch port.
+
+        While cut, the host's packets and the packets sent to it are silently dropped in both
+        directions, as with an unplugged cable: open TCP connections stall (and resume if the link
+        returns before they time out); the host keeps its address and routes.
+        """
+        self._check_index(i)
+        if self.closed:
+            raise RuntimeError("topology is closed")
+        _ip("link", "set", f"p{i}", "up" if up else "down", netns=self.switch)
 
     def check_output(self, i: int, argv: Sequence[str], timeout: float = 30.0) -> str:
         """Run ``argv`` in host ``i``'s namespace to completion and return its stdout (raises on failure)."""

@@ -8,6 +8,7 @@ Used by the expert server (one file per expert) and reusable by trainers.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -37,8 +38,9 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> Path:
     """Atomically write ``state`` (anything ``torch.save`` accepts) to ``path``; returns the path.
 
     Steps: (1) create the parent directory; (2) ``torch.save`` into a temporary file next to ``path``;
-    (3) flush + fsync it; (4) ``os.replace`` it over ``path``; (5) fsync the directory. If any step
-    fails the temporary file is removed and the old checkpoint (if any) is left untouched.
+    (3) flush + fsync it; (4) ``os.replace`` it over ``path``; (5) fsync the directory; (6) delete temporary
+    files of ``path`` left by saves that were killed midway. If any step fails the temporary file is removed
+    and the old checkpoint (if any) is left untouched. One writer per ``path`` at a time.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,11 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> Path:
             pass
         raise
     _fsync_directory(path.parent)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:  # left by an earlier save that was killed midway (one writer per path, so none is in flight)
+            stale.unlink()
+        except OSError:
+            pass
     return path
 
 

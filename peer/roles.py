@@ -20,17 +20,22 @@ logger = logging.getLogger(__name__)
 
 
 def choose_uids(dht: DHT, config: ModelConfig, count: int, seed: int | None = None) -> list[str]:
-    """``count`` expert UIDs of ``config``'s grids, least-hosted first (ties broken at random)."""
+    """``count`` expert UIDs of ``config``'s grids, least-hosted first (ties broken at random).
+
+    Declarations under our own peer ID are from before a restart (they outlive a crash by their
+    expiration): they do not count as hosted, and among equally hosted UIDs ours come first, so a
+    restarted host takes back the experts it served (and has checkpoints of) instead of others' ones."""
     rng = random.Random(seed if seed is not None else dht.peer_id)
     hosted: Counter[str] = Counter()
+    ours: set[str] = set()
     roots = [config.uid_prefix(layer) for layer in range(config.n_layer)]
     found = dht.get_many([f"{root}." for root in roots], latest=True)
     for value in found.values():
         for entry in parse_declarations(value):
-            hosted.update(entry.uids)
+            (ours.update if entry.peer_id == dht.peer_id else hosted.update)(entry.uids)
     candidates = [uid for root in roots for uid in all_uids(root, config.grid_size)]
     rng.shuffle(candidates)
-    candidates.sort(key=lambda uid: hosted[uid])
+    candidates.sort(key=lambda uid: (hosted[uid], uid not in ours))
     return candidates[:count]
 
 

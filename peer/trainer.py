@@ -226,10 +226,19 @@ class Trainer:
         return True
 
     def _outer_step(self) -> None:
-        """DiLoCo: average pseudo-gradients, apply them to the anchor with Nesterov SGD, restart from it."""
+        """DiLoCo: average pseudo-gradients, apply them to the anchor with Nesterov SGD, restart from it.
+
+        Averaging pseudo-gradients never brings two different anchors back together, so a trainer that
+        missed rounds (paused, cut off, or its matchmaking missed the others') first adopts the newer
+        anchor and momentum that peers announce, keeping this round's local progress as its pseudo-gradient.
+        """
         with torch.no_grad():
             for g, a, p in zip(self.outer_grad, self.anchor, self.dense):
                 g.copy_(a - p)
+        if self.catch_up():
+            with torch.no_grad():
+                for g, a, p in zip(self.outer_grad, self.anchor, self.dense):
+                    p.copy_(a - g)
         self.publish_progress()  # once per round, so the LR schedule follows the swarm's samples closely
         if not self._average(weight=self.samples_since_sync):
             return  # keep training locally; the next round averages the longer stretch
@@ -241,6 +250,14 @@ class Trainer:
                 p.copy_(a)
         self.samples_since_sync = 0
         self._snapshot = self._take_snapshot()
+        if self.sharer is not None:  # announce the new state now, so peers that missed this round catch up
+            self.dht.node.spawn(self._announce_state)  # before their next one (not up to share_every later)
+
+    async def _announce_state(self) -> None:
+        try:
+            await self.sharer.arefresh()
+        except Exception as e:  # e.g. shutting down; the sharer's own loop announces within share_every
+            logger.debug("Announcing our state failed: %s: %s", type(e).__name__, e)
 
     # ------------------------------------------------------------------ evaluation, progress, checkpoints
     @torch.no_grad()
