@@ -37,7 +37,7 @@ from p2p.streams import PayloadSender, receive_payload
 
 from .compression import Compression
 from .partition import split_by_bandwidth
-from .reduce import BadContribution, PartReducer, ReduceError, all_finite
+from .reduce import BadContribution, PartReducer, ReduceError, all_finite, max_abs
 
 if TYPE_CHECKING:
     from .averager import Averager
@@ -198,7 +198,7 @@ class AllReduceRound:
             self._ban(owner, "sent a result with NaN/inf")
             raise ReduceError(f"owner {owner[-8:]} sent a result with NaN/inf")
         bound = self.averager.max_abs_value  # a mean of in-range values is in range
-        if bound is not None and b > a and float(self.result[a:b].abs().max()) > bound:
+        if bound is not None and max_abs(self.result[a:b]) > bound:
             self._ban(owner, f"sent a result beyond +-{bound:g}")
             raise ReduceError(f"owner {owner[-8:]} sent a result beyond +-{bound:g}")
 
@@ -230,7 +230,7 @@ class AllReduceRound:
                     except ValueError as e:
                         raise BadContribution(sender_id, f"undecodable chunk at {a - start}: {e}") from None
                     bound = self.averager.max_abs_value
-                    if bound is not None and values.numel() and float(values.abs().max()) > bound:
+                    if bound is not None and max_abs(values) > bound:
                         raise BadContribution(sender_id, f"chunk at {a - start} has values beyond +-{bound:g}")
                     reducer.add(sender_id, a - start, values, weight)
                 async for _ in incoming:

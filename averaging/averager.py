@@ -32,6 +32,7 @@ from .bans import BanList
 from .compression import choose_compression
 from .matchmaking import Matchmaker, MatchmakingFailed
 from .partition import FlatBuffer
+from .reduce import all_finite, max_abs
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +152,9 @@ class Averager:
             started = trio.current_time()
             self.steps += 1
             local = self.buffer.load_from_tensors()
-            if not bool(torch.isfinite(local).all()):
+            if not all_finite(local):
                 raise ValueError("our own tensors contain NaN/Inf; refusing to average them into the group")
-            if self.max_abs_value is not None and local.numel() and float(local.abs().max()) > self.max_abs_value:
+            if self.max_abs_value is not None and max_abs(local) > self.max_abs_value:
                 raise ValueError(f"our own tensors have values beyond +-{self.max_abs_value:g} (max_abs_value); "
                                  f"the group would ban us")
             budget = timeout or self._default_timeout()

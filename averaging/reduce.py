@@ -73,6 +73,14 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
 
 
+def max_abs(tensor: torch.Tensor) -> float:
+    """Largest ``|x|`` in ``tensor`` (0.0 if empty), in one pass without an ``abs()`` copy."""
+    if tensor.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(tensor)
+    return max(-float(lo), float(hi))
+
+
 def _insert_interval(intervals: list[list[int]], start: int, end: int) -> bool:
     """Insert ``[start, end)`` into sorted disjoint ``intervals``, merging neighbours; False if it overlaps."""
     i = bisect.bisect_right(intervals, [start, math.inf])

@@ -42,6 +42,7 @@ from p2p.framing import FramedStream
 from p2p.rpc import read_reply
 from p2p.streams import receive_payload, send_bytes
 
+from .reduce import all_finite
 from .state_format import MIN_BLOB_BYTES, StateFormatError, check_step, decode_state, encode_state, piece_hashes, \
     state_digest
 
@@ -360,7 +361,7 @@ async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_
                 transfer = _Transfer(dht.node, service, offer, hashes, donors, max_donors, range_bytes, stall_timeout)
                 blob = await transfer.run()
                 metadata, tensors = await trio.to_thread.run_sync(decode_state, blob)
-                broken = [i for i, t in enumerate(tensors) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+                broken = [i for i, t in enumerate(tensors) if t.is_floating_point() and not all_finite(t)]
                 if broken:  # a donor's hashes only prove it sent what it announced, not that it is sane
                     raise StateFormatError(f"tensors {broken[:5]} contain NaN/inf")
             except (StateDownloadError, StateFormatError) as e:

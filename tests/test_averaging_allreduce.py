@@ -18,11 +18,13 @@ def bootstrap():
     dht.shutdown()
 
 
-def run_group(bootstrap, tmp_path, specs, timeout=90):
+def run_group(bootstrap, tmp_path, specs, timeout=90, with_ids=False):
+    """Run one worker per spec; returns their result lines and final tensors (and peer IDs if ``with_ids``)."""
     peers = start_peers(bootstrap, tmp_path, specs)
     try:
         go(peers)
-        return [p.results(timeout) for p in peers], [p.tensor() for p in peers]
+        out = [p.results(timeout) for p in peers], [p.tensor() for p in peers]
+        return (*out, [p.info["peer_id"] for p in peers]) if with_ids else out
     finally:
         stop(peers)
 
@@ -118,13 +120,8 @@ def test_garbage_sender_is_excluded_then_banned(bootstrap, tmp_path):
     specs = [dict(size=40_000, value=v, group=4, min_group=2, matchmaking_time=3, rounds=2, pause=1.0)
              for v in values]
     specs[3]["garbage"] = True
-    peers = start_peers(bootstrap, tmp_path, specs)
-    try:
-        go(peers)
-        results, tensors = [p.results(120) for p in peers], [p.tensor() for p in peers]
-        byzantine = peers[3].info["peer_id"]
-    finally:
-        stop(peers)
+    results, tensors, ids = run_group(bootstrap, tmp_path, specs, timeout=120, with_ids=True)
+    byzantine = ids[3]
     honest_mean = sum(values[:3]) / 3
     for res, t in zip(results[:3], tensors[:3]):
         first, second = res
@@ -143,17 +140,11 @@ def test_out_of_range_sender_is_excluded_and_banned(bootstrap, tmp_path):
     n, size = 4, 50_000
     specs = [dict(size=size, seed=i, group=n, matchmaking_time=3, max_abs_value=100.0) for i in range(n)]
     specs[3].update(scale=1000.0, max_abs_value=None)
-    peers = start_peers(bootstrap, tmp_path, specs)
-    try:
-        go(peers)
-        results, tensors = [p.results(90) for p in peers], [p.tensor() for p in peers]
-        byzantine = peers[3].info["peer_id"]
-    finally:
-        stop(peers)
+    results, tensors, ids = run_group(bootstrap, tmp_path, specs, with_ids=True)
+    byzantine = ids[3]
     honest = torch.stack([torch.randn(size, generator=torch.Generator().manual_seed(i)) for i in range(3)]).mean(0)
     for res, t in zip(results[:3], tensors[:3]):
         assert res[0]["ok"] and byzantine in res[0]["excluded"] and byzantine in res[0]["banned"], res
-    for t in tensors[:3]:
         assert torch.allclose(t, honest, atol=1e-5)
         assert torch.equal(t, tensors[0])
 
