@@ -22,7 +22,10 @@ exit within the compose file's ``stop_grace_period`` after SIGTERM), no NaN (los
 no corrupted checkpoint (loaded with the project's loader after every SIGKILL, and resumed from), DHT records
 of live peers found, every fault recovered, dense weights re-converged.
 
-The last line on stdout is one JSON object: ``peers``, ``duration_s``, ``faults`` (counts per kind;
+The fault phase lasts ``--duration`` seconds, longer (by up to ``--cover-extension``) if some kind of fault
+has not been injected by then.
+
+The last line on stdout is one JSON object: ``peers``, ``duration_s``, ``fault_phase_s``, ``faults`` (counts per kind;
 ``sigkill`` counts every SIGKILL, ``kill_during_save`` the ones that landed inside a checkpoint save),
 ``violations`` (each ``{t, peer, invariant, detail}``), ``violation_count``, ``recovery_s`` (per kind:
 seconds from the end of a fault to that peer's next successful averaging step -- trainers -- or to being
@@ -58,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Run as root. The last stdout line is the JSON summary; exit 0 iff no "
                                        "invariant was violated.")
     p.add_argument("--duration", type=float, default=240.0, help="seconds of fault injection (default: %(default)s)")
+    p.add_argument("--cover-extension", type=float, default=120.0,
+                   help="if some fault kind was not injected within --duration (slow machines recover slowly, "
+                        "so fewer faults fit), keep injecting up to this many more seconds until every kind "
+                        "was (default: %(default)s)")
     p.add_argument("--quiet-period", type=float, default=60.0,
                    help="seconds without faults before the final checks (default: %(default)s)")
     p.add_argument("--trainers", type=int, default=3, help="trainer peers, at least 2 (default: %(default)s)")
@@ -231,18 +238,23 @@ class ChaosRun:
 
     def fault_phase(self) -> None:
         now = time.monotonic()
-        self.phase_end = now + self.args.duration
+        soft_end = now + self.args.duration
+        self.phase_end = soft_end + self.args.cover_extension
         next_fault = now + self.plan.gap(*self.args.fault_gap) / 2
-        while now < self.phase_end:
+        while now < self.phase_end and (now < soft_end or not self.every_kind_injected()):
             self.step(now)
             if now >= next_fault and now + self.args.fault_length[1] < self.phase_end:
                 next_fault = now + (self.plan.gap(*self.args.fault_gap) if self.inject(now) else 1.0)
             time.sleep(0.2)
             now = time.monotonic()
+        self.fault_phase_s = round(now - (soft_end - self.args.duration), 1)
         while self.events or self.armed:             # let every fault in flight end (restarts, SIGCONT, a
             # SaveKiller waiting for the next checkpoint save, at most its timeout)
             self.step(time.monotonic())
             time.sleep(0.2)
+
+    def every_kind_injected(self) -> bool:
+        return {f.kind for f in self.faults} >= set(KINDS)
 
     def quiet_phase(self) -> None:
         end = time.monotonic() + self.args.quiet_period
@@ -273,7 +285,8 @@ class ChaosRun:
                 "length_s": round((f.ended or now) - f.began, 2),
                 "recovery_s": round(f.recovered - f.ended, 2) if f.recovered else None, **f.detail}
                for f in self.faults]
-        return {"faults": counts, "recovery_s": recovery, "fault_log": log}
+        return {"faults": counts, "fault_phase_s": getattr(self, "fault_phase_s", None),
+                "recovery_s": recovery, "fault_log": log}
 
 
 def run_chaos(args: argparse.Namespace) -> dict:
