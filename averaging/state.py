@@ -265,7 +265,7 @@ class _Transfer:
                 start, end = self.pending.pop()
                 try:
                     if stream is None:
-                        stream = await self.node.open_stream(donor, self.service, timeout=self.stall_timeout)
+                        stream = await self.node.open_stream(donor, self.service, timeout=self.stall_timeout, bulk=True)
                     await self._fetch(stream, start, end)
                 except BaseException:
                     self.pending.append((start, end))

@@ -54,6 +54,7 @@ class DHT:
         and stopped by :meth:`shutdown`).
     :param client_mode: only ask; never answer or enter other nodes' routing tables (peers behind NAT).
     :param psk, allowed_peers: make the swarm private: see :class:`p2p.Node` (pre-shared key, peer allowlist).
+    :param bulk_port: port of the node's bulk data plane (see :class:`p2p.Node`; None turns it off).
     :param validators: extra record validators (e.g. a :class:`SchemaValidator`); owner signatures are
         always checked. Every node of a swarm should use the same validators.
     :param config: :class:`DHTConfig` (bucket size, replicas, timeouts, intervals).
@@ -62,13 +63,13 @@ class DHT:
     def __init__(self, initial_peers: Sequence[str] = (), *, node: Node | None = None, swarm: str = "default",
                  host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS, announce_maddrs: Sequence[str] = (),
                  identity_path: str | None = None, client_mode: bool = False, psk: str | None = None,
-                 allowed_peers: Sequence[str] | None = None, validators: Sequence[RecordValidator] = (), config: DHTConfig | None = None, start: bool = True):
+                 allowed_peers: Sequence[str] | None = None, bulk_port: int | None = 0, validators: Sequence[RecordValidator] = (), config: DHTConfig | None = None, start: bool = True):
         self.config = config or DHTConfig()
         self.initial_peers = list(initial_peers)
         self._owns_node = node is None
         self.node = node or Node(swarm=swarm, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
                                  identity_path=identity_path, client_mode=client_mode, psk=psk,
-                                 allowed_peers=allowed_peers, start=False)
+                                 allowed_peers=allowed_peers, bulk_port=bulk_port, start=False)
         self.client_mode = self.node.client_mode
         self.node_id = DHTID.from_peer_id(self.node.peer_id)
         self.routing = RoutingTable(self.node_id, k=self.config.k)

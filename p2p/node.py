@@ -36,6 +36,8 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from . import rpc
 from .limits import LogThrottle
 from .errors import P2PError, P2PTimeout, PeerUnreachable
+from .addresses import host_of, local_ipv4s, parse_maddr
+from .bulk import BulkPlane
 from .framing import FramedStream
 from .identity import load_or_create_identity, peer_id_of
 
@@ -44,22 +46,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
 ADDR_TTL = 3600  # seconds an address learned from the DHT stays in the peerstore
 NEGATIVE_DIAL_CACHE_S = 5.0  # seconds a peer whose every address failed is not redialed
-
-
-def parse_maddr(addr: str) -> multiaddr.Multiaddr:
-    """Parse a multiaddr string with an error message a user can act on."""
-    try:
-        return multiaddr.Multiaddr(addr)
-    except Exception as e:
-        raise ValueError(f"invalid multiaddr {addr!r}: {e}") from None
-
-
-def _local_ipv4s() -> list[str]:
-    """This machine's IPv4 addresses, loopback last (what a wildcard listen address really means)."""
-    import ifaddr  # installed with libp2p
-
-    ips = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)]
-    return sorted(set(ips), key=lambda ip: (ip.startswith("127."), ip))
 
 
 class Node:
@@ -77,13 +63,16 @@ class Node:
         and we open no stream to them. Our own ID is always allowed.
     :param max_streams_per_peer: inbound streams one peer may hold open at once, over all services; more
         are reset before any handler runs (calls reuse pooled streams, so honest peers use a handful).
+    :param bulk_port: TCP port of the bulk data plane (:mod:`p2p.bulk`: big payloads beside libp2p, ~10x
+        less CPU per byte), on the listen addresses' IPs; 0 picks a free port, None turns it off. Behind a
+        NAT, fix it and forward it too (without it, peers fall back to slower libp2p streams).
     :param start: start the loop thread right away.
     """
 
     def __init__(self, *, swarm: str = "default", host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS,
                  announce_maddrs: Sequence[str] = (), identity_path: str | None = None,
                  client_mode: bool = False, psk: str | None = None, allowed_peers: Sequence[str] | None = None,
-                 max_streams_per_peer: int = 128, start: bool = True):
+                 max_streams_per_peer: int = 128, bulk_port: int | None = 0, start: bool = True):
         if not swarm or "/" in swarm:
             raise ValueError(f"swarm name must be non-empty and contain no '/': {swarm!r}")
         self.swarm, self.client_mode = swarm, client_mode
@@ -111,6 +100,7 @@ class Node:
         self._stop_requested: trio.Event | None = None
         self.host = None
         self.rpc_pool = rpc.StreamPool()
+        self.bulk = BulkPlane(self, bulk_port) if bulk_port is not None else None
         if start:
             self.start()
 
@@ -153,6 +143,8 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     self._token, self._nursery = trio.lowlevel.current_trio_token(), nursery
                     self._stop_requested = trio.Event()
+                    if self.bulk is not None and self._listen:
+                        await nursery.start(self.bulk.listen, [host_of(m) for m in self._listen])
                     self._started.set()
                     await self._stop_requested.wait()
                     nursery.cancel_scope.cancel()
@@ -204,7 +196,7 @@ class Node:
         out: list[str] = []
         for addr in map(str, self.host.get_addrs()):
             if addr.startswith("/ip4/0.0.0.0/"):
-                out.extend(addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in _local_ipv4s())
+                out.extend(addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in local_ipv4s())
             else:
                 out.append(addr)
         return out
@@ -263,42 +255,62 @@ class Node:
         if self.host is not None:
             self.run_sync_soon(self.host.set_stream_handler, proto, self._wrap_handler(wrapped))
 
-    def _wrap_handler(self, handler):
-        max_frame_bytes, timeout = handler.limits
+    def stream_handler(self, service: str, version: str = "1"):
+        """The handler registered for ``service``/``version``, or None."""
+        return self._handlers.get(self.protocol_id(service, version))
 
+    def _wrap_handler(self, handler):
         async def on_stream(raw) -> None:
-            peer = raw.muxed_conn.peer_id.to_base58()
-            if not self.is_allowed(peer):
-                if peer not in self._refused and len(self._refused) < 10_000:
-                    self._refused.add(peer)
-                    logger.info("Refused streams from %s: not in this swarm's allowlist", peer)
-                await raw.reset()
-                return
-            if self._inbound[peer] >= self.max_streams_per_peer:
-                if self._stream_refusals.should_log(peer):
-                    logger.info("Peer %s holds %d open streams (the cap); resetting its new ones", peer[-8:],
-                                self._inbound[peer])
-                await raw.reset()
-                return
-            self._inbound[peer] += 1
-            stream = FramedStream(raw, peer, max_frame_bytes=max_frame_bytes, timeout=timeout)
-            try:
-                await handler(stream)
-            except Exception as e:
-                logger.debug("handler for %s from %s failed: %s: %s", raw.get_protocol(), peer[-8:],
-                             type(e).__name__, e)
-                await stream.reset()
-            else:
-                await stream.close()
-            finally:
-                self._inbound[peer] -= 1
-                if not self._inbound[peer]:
-                    del self._inbound[peer]
+            await self.serve_inbound(raw, raw.muxed_conn.peer_id.to_base58(), handler)
         return on_stream
 
+    async def serve_inbound(self, raw, peer: str, handler) -> None:
+        """Run ``handler`` on an inbound stream (libp2p or bulk) from ``peer``, within the allowlist and stream cap."""
+        max_frame_bytes, timeout = handler.limits
+        if not self.is_allowed(peer):
+            if peer not in self._refused and len(self._refused) < 10_000:
+                self._refused.add(peer)
+                logger.info("Refused streams from %s: not in this swarm's allowlist", peer)
+            await raw.reset()
+            return
+        if self._inbound[peer] >= self.max_streams_per_peer:
+            if self._stream_refusals.should_log(peer):
+                logger.info("Peer %s holds %d open streams (the cap); resetting its new ones", peer[-8:],
+                            self._inbound[peer])
+            await raw.reset()
+            return
+        self._inbound[peer] += 1
+        stream = FramedStream(raw, peer, max_frame_bytes=max_frame_bytes, timeout=timeout)
+        try:
+            await handler(stream)
+        except Exception as e:
+            logger.debug("handler for %s from %s failed: %s: %s", getattr(raw, "get_protocol", lambda: "bulk")(),
+                         peer[-8:], type(e).__name__, e)
+            await stream.reset()
+        else:
+            await stream.close()
+        finally:
+            self._inbound[peer] -= 1
+            if not self._inbound[peer]:
+                del self._inbound[peer]
+
+    def remote_ip(self, peer_id: str) -> str | None:
+        """The IP address of our current libp2p connection to ``peer_id`` (None if not connected)."""
+        for conn in self.host.get_network().get_connections(ID.from_base58(peer_id)):
+            try:
+                address = conn.muxed_conn.get_remote_address()
+            except Exception:
+                continue
+            if address:
+                return address[0]
+        return None
+
     async def open_stream(self, peer_id: str, service: str, *, version: str = "1",
-                          max_frame_bytes: int = 4 << 20, timeout: float = 10.0) -> FramedStream:
-        """Open a framed stream to ``peer_id`` speaking ``service`` (dials if not connected)."""
+                          max_frame_bytes: int = 4 << 20, timeout: float = 10.0, bulk: bool = False) -> FramedStream:
+        """Open a framed stream to ``peer_id`` speaking ``service`` (dials if not connected).
+
+        ``bulk=True`` asks for a stream of the bulk data plane (:mod:`p2p.bulk`), for big payloads; it falls
+        back to a libp2p stream where that is not possible."""
         try:
             pid = ID.from_base58(peer_id)
         except Exception:
@@ -307,6 +319,13 @@ class Node:
             raise ValueError("cannot open a stream to ourselves")
         if not self.is_allowed(peer_id):
             raise PeerUnreachable(f"{peer_id[-8:]} is not in this swarm's allowlist")
+        if bulk and self.bulk is not None:
+            with trio.move_on_after(timeout) as scope:
+                raw = await self.bulk.open(peer_id, service, version, timeout)
+            if raw is not None:
+                return FramedStream(raw, peer_id, max_frame_bytes=max_frame_bytes, timeout=timeout)
+            if scope.cancelled_caught:
+                raise P2PTimeout(f"opening a bulk {service} stream to {peer_id[-8:]} took longer than {timeout}s")
         with trio.move_on_after(timeout) as scope:
             try:
                 raw = await self.host.new_stream(pid, [self.protocol_id(service, version)])

@@ -201,15 +201,18 @@ class RPCServer:
 
 @asynccontextmanager
 async def open_call(node: "Node", peer_id: str, service: str, method: str, args: Any = None, *,
-                    timeout: float = 10.0, version: str = "1",
-                    max_message_bytes: int = 4 << 20) -> AsyncIterator[FramedStream]:
+                    timeout: float = 10.0, version: str = "1", max_message_bytes: int = 4 << 20,
+                    bulk: bool = False) -> AsyncIterator[FramedStream]:
     """Start a streaming call: sends the request and yields the stream for further frames.
+
+    ``bulk=True`` carries the call on the bulk data plane (:mod:`p2p.bulk`) when the peer offers it: for
+    calls that move megabytes.
 
     Read the final ``["ok", ...]`` / ``["err", ...]`` with :func:`read_reply`. The stream is reset if the
     block raises, so the server never waits on a caller that gave up.
     """
     stream = await node.open_stream(peer_id, service, version=version, max_frame_bytes=max_message_bytes,
-                                    timeout=timeout)
+                                    timeout=timeout, bulk=bulk)
     try:
         await stream.send_msg([method, args])
         yield stream
