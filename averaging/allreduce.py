@@ -86,6 +86,7 @@ class AllReduceRound:
         self.started: dict[int, set[str]] = {}
         self.progress: dict[int, trio.Event] = {}
         self.stats = RoundStats()
+        self.residuals: dict[tuple, torch.Tensor | None] = {}   # error feedback staged (see _compress); None: used up
 
     # ------------------------------------------------------------------ helpers
     def _event(self, table: dict[int, trio.Event], part: int) -> trio.Event:
@@ -100,7 +101,15 @@ class AllReduceRound:
         """Start reducing ``part`` from ``senders`` (we must be one of them); our own slice goes in now."""
         start, end = self.parts[part]
         reducer = PartReducer(end - start, senders, clip_tau=self.averager.clip_tau)
-        reducer.add(self.me, 0, self.local[start:end], self.weight)
+        own = self.local[start:end]
+        feedback = self.averager.feedback
+        if feedback:  # our slice goes in exactly: what earlier rounds lost of it goes in with it, once
+            own = own.clone()
+            for a, b in self._chunks(part):
+                if feedback.get(("sent", a, b)) is not None:
+                    own[a - start:b - start] += feedback[("sent", a, b)]
+                    self.residuals[("sent", a, b)] = None
+        reducer.add(self.me, 0, own, self.weight)
         reducer.sender_finished(self.me)
         self.reducers[part] = reducer
         self._event(self.reducer_ready, part).set()
@@ -143,13 +152,30 @@ class AllReduceRound:
         blobs = []
         start, _ = self.parts[part]
         for a, b in self._chunks(part):
-            blob = self.compression.compress(mean[a - start:b - start].contiguous())
-            self.compression.decompress(blob, b - a, out=self.result[a:b])
+            blob = self._compress(("result", a, b), mean[a - start:b - start].contiguous(), out=self.result[a:b])
             blobs.append(blob)
         self.result_bytes[part] = blobs
         self.have.add(part)
         del self.reducers[part]  # free the per-sender buffers now
         self._event(self.result_ready, part).set()
+
+    def _compress(self, key: tuple, values: torch.Tensor, out: torch.Tensor | None = None) -> bytes:
+        """Compress ``values`` (decoding into ``out`` if given). With error feedback, what this chunk slot lost
+        before is added first and what it loses now is staged in ``self.residuals``, which the averager
+        keeps only if the round succeeds (a failed round's data was never applied, so its loss must not be
+        sent again; see :meth:`~averaging.averager.Averager._keep_feedback`)."""
+        feedback = self.averager.feedback
+        if feedback is None or self.compression.name == "none":
+            blob = self.compression.compress(values)
+            if out is not None:
+                self.compression.decompress(blob, values.numel(), out=out)
+            return blob
+        previous = feedback.get(key)
+        corrected = values.clone() if previous is None else values + previous
+        blob = self.compression.compress(corrected)
+        decoded = self.compression.decompress(blob, values.numel(), out=out)
+        self.residuals[key] = corrected.sub_(decoded)
+        return blob
 
     # ------------------------------------------------------------------ sender side
     async def exchange_part(self, part: int, repair: bool = False) -> bool:
@@ -158,11 +184,12 @@ class AllReduceRound:
         header = {"round": self.round_id, "part": part, "weight": self.weight, "repair": repair}
         try:
             async with open_call(self.averager.node, owner, self.averager.service, "part", header,
-                                 timeout=2 * self.chunk_timeout, max_message_bytes=self.averager.max_frame) as stream:
+                                 timeout=2 * self.chunk_timeout, max_message_bytes=self.averager.max_frame,
+                                 bulk=True) as stream:
                 stream.timeout = self.chunk_timeout
                 sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
                 for a, b in self._chunks(part):
-                    await sender.send(self.compression.compress(self.local[a:b]))
+                    await sender.send(self._compress(("sent", a, b), self.local[a:b]))
                 await sender.finish()
                 while (await stream.recv_msg()) == KEEPALIVE:
                     pass
@@ -343,7 +370,7 @@ class AllReduceRound:
         try:
             async with open_call(self.averager.node, donor, self.averager.service, "fetch",
                                  {"round": self.round_id, "part": part}, timeout=self.chunk_timeout,
-                                 max_message_bytes=self.averager.max_frame) as stream:
+                                 max_message_bytes=self.averager.max_frame, bulk=True) as stream:
                 stream.timeout = self.chunk_timeout
                 view = memoryview(self.result[start:end].numpy()).cast("B")
                 offset = 0

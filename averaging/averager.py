@@ -63,7 +63,7 @@ class Averager:
     :param dht: a running :class:`dht.DHT`; the averager serves its RPCs on the DHT's node.
     :param prefix: name of what is averaged (e.g. the model name); peers with the same prefix average.
     :param target_group_size: peers per all-reduce group; ``min_group_size``: fewest worth a round.
-    :param compression: "none", "fp16" or "int8" (8-bit blockwise); a buffer under 4096 elements in all
+    :param compression: "none", "fp16", "int8" or "int4" (8- or 4-bit blockwise); a buffer under 4096 elements in all
         (16 KB) stays exact, where compressing saves nothing that matters.
     :param bandwidth: this peer's declared bandwidth in MB/s; parts are sized by it. Client-mode peers
         (behind NAT) contribute but own no part.
@@ -77,6 +77,10 @@ class Averager:
         average exactly). None (default): the exact weighted mean.
     :param max_abs_value: if set, a contribution with any element beyond +-max_abs_value is out of range:
         excluded from the round and its sender banned, like NaN (pick it well above honest values).
+    :param error_feedback: with a lossy ``compression``, remember what each chunk of our contributions and
+        of the parts we reduce lost to compression, and add it to the same chunk next round (EF-SGD), so
+        quantization errors cancel over rounds instead of accumulating. Meant for averaging updates (DiLoCo
+        pseudo-gradients, gradients), not parameters. Kept only across successful rounds.
     :param ban_seconds: how long a peer that sent NaN/inf, out-of-range or undecodable data is refused
         (:mod:`averaging.bans`); 0 disables banning (such data is still excluded from the round).
     """
@@ -85,7 +89,8 @@ class Averager:
                  min_group_size: int = 2, compression: str = "none", bandwidth: float = 100.0,
                  matchmaking_time: float = 3.0, chunk_timeout: float | None = None,
                  round_timeout: float | None = None, chunk_bytes: int = 1 << 20, window_bytes: int = 8 << 20,
-                 clip_tau: float | None = None, max_abs_value: float | None = None, ban_seconds: float = 600.0):
+                 clip_tau: float | None = None, max_abs_value: float | None = None, ban_seconds: float = 600.0,
+                 error_feedback: bool = False):
         if "/" in prefix or not prefix:
             raise ValueError(f"prefix must be non-empty and contain no '/': {prefix!r}")
         if not 2 <= min_group_size <= target_group_size:
@@ -97,6 +102,7 @@ class Averager:
         if max_abs_value is not None and not max_abs_value > 0:
             raise ValueError(f"max_abs_value must be > 0, got {max_abs_value!r}")
         self.clip_tau, self.max_abs_value = clip_tau, max_abs_value
+        self.feedback: dict[tuple, torch.Tensor] | None = {} if error_feedback else None
         self.bans = BanList(ban_seconds)
         self.dht, self.node, self.prefix = dht, dht.node, prefix
         self.peer_id, self.client_mode = dht.peer_id, dht.client_mode
@@ -192,11 +198,28 @@ class Averager:
             elif result.ok:
                 self.buffer.buffer.copy_(self.result)
                 self.buffer.store_to_tensors()
+            if result.ok and self.feedback is not None:
+                self._keep_feedback(round_.residuals)
             return self._finish(result, started)
 
     def group_key(self) -> str:
         """DHT key under which peers of this prefix meet."""
         return f"{self.prefix}.averaging"
+
+    def _keep_feedback(self, staged: dict[tuple, torch.Tensor | None]) -> None:
+        """Adopt a successful round's error-feedback residuals, keyed ``(kind, first, end)`` by element range.
+
+        A slot the round did not touch keeps its residual (next round we may send that range again);
+        one it used up (None) is dropped, and so is any old slot that overlaps a new one without being
+        the same range (the group, hence the part layout, changed): at most one residual per element."""
+        for key, residual in staged.items():
+            kind, a, b = key
+            for old in [k for k in self.feedback if k[0] == kind and k != key and k[1] < b and a < k[2]]:
+                del self.feedback[old]
+            if residual is None:
+                self.feedback.pop(key, None)
+            else:
+                self.feedback[key] = residual
 
     def _default_timeout(self) -> float:
         transfer = 2 * self.compression.bytes_for(self.buffer.numel) / self.bandwidth

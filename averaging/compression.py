@@ -6,6 +6,7 @@ Every compression turns a chunk into ``bytes`` and back:
 * :class:`NoCompression` (``"none"``): raw little-endian float32; decompression is zero-copy.
 * :class:`Float16Compression` (``"fp16"``): IEEE half precision, saturating at +-65504.
 * :class:`Uint8BlockwiseCompression` (``"int8"``): 8-bit blockwise linear quantization.
+* :class:`Uint4BlockwiseCompression` (``"int4"``): the same with 4 bits, two codes per byte.
 
 Each compression knows the exact size of its output for a given number of elements
 (:meth:`Compression.bytes_for`), so a receiver can pre-size buffers and validate what arrives.
@@ -179,6 +180,7 @@ class Uint8BlockwiseCompression(Compression):
     block_size: int = 4096
     name: str = field(default="int8", init=False)
     slab_elems: int = field(default=1 << 18, repr=False, compare=False)
+    levels = 255          # codes 0..levels; a subclass with fewer levels packs them tighter (see _pack)
 
     def __post_init__(self):
         for attr in ("block_size", "slab_elems"):
@@ -191,7 +193,19 @@ class Uint8BlockwiseCompression(Compression):
         return -(-numel // self.block_size)
 
     def bytes_for(self, numel: int) -> int:
-        return 8 * self.num_blocks(numel) + numel
+        return 8 * self.num_blocks(numel) + self._code_bytes(numel)
+
+    @staticmethod
+    def _code_bytes(numel: int) -> int:
+        return numel
+
+    @staticmethod
+    def _pack(codes: np.ndarray) -> bytes | np.ndarray:
+        return codes
+
+    @staticmethod
+    def _unpack(data: Buffer, offset: int, numel: int) -> torch.Tensor:
+        return _view_as(data, torch.uint8, numel, offset=offset)
 
     def _slabs(self, numel: int) -> Iterator[tuple[int, int, int]]:
         """Yield ``(first_block, start, end)`` of consecutive slabs made of whole blocks."""
@@ -228,7 +242,7 @@ class Uint8BlockwiseCompression(Compression):
                 lo, half_span = torch.amin(x, dim=1), torch.amax(x, dim=1)
                 half_span.mul_(0.5).sub_(lo * 0.5)
                 center, step = torch.add(lo, half_span, out=centers[blocks]), steps[blocks]
-                torch.div(half_span, 127.5, out=step)
+                torch.div(half_span, self.levels / 2, out=step)
                 if not bool(torch.isfinite(header[:, blocks]).all()):
                     raise ValueError("cannot compress a chunk containing NaN or +-inf")
                 # Step 2: codes. Divide (1/step overflows for subnormal steps); step 0 means x == center.
@@ -236,9 +250,9 @@ class Uint8BlockwiseCompression(Compression):
                 # nearest. The clamp matters only for subnormal steps, whose rounding error can be large.
                 divisor = torch.where(step > 0, step, torch.ones_like(step))
                 torch.sub(x, center[:, None], out=t)
-                t.div_(divisor[:, None]).add_(128.0).clamp_(0.0, 255.0)
+                t.div_(divisor[:, None]).add_(self.levels / 2 + 0.5).clamp_(0.0, float(self.levels))
             codes_tensor[start:end].copy_(work[: end - start])
-        return b"".join((header.numpy(), codes))
+        return b"".join((header.numpy(), self._pack(codes)))
 
     def _decode(self, data: Buffer, numel: int, out: torch.Tensor | None) -> torch.Tensor:
         nblocks = self.num_blocks(numel)
@@ -247,7 +261,7 @@ class Uint8BlockwiseCompression(Compression):
             return result
         centers = _view_as(data, torch.float32, nblocks, offset=0)
         steps = _view_as(data, torch.float32, nblocks, offset=4 * nblocks)
-        codes = _view_as(data, torch.uint8, numel, offset=8 * nblocks)
+        codes = self._unpack(data, 8 * nblocks, numel)
         if not (bool(torch.isfinite(centers).all()) and bool(torch.isfinite(steps).all()) and bool((steps >= 0).all())):
             raise ValueError("corrupt int8 chunk: block header contains NaN, inf or a negative step")
         for first_block, start, end in self._slabs(numel):
@@ -255,14 +269,46 @@ class Uint8BlockwiseCompression(Compression):
             values.copy_(codes[start:end])
             for b0, (rows,) in self._rows(values):
                 blocks = slice(first_block + b0, first_block + b0 + rows.shape[0])
-                rows.sub_(127.5).mul_(steps[blocks, None]).add_(centers[blocks, None])
+                rows.sub_(self.levels / 2).mul_(steps[blocks, None]).add_(centers[blocks, None])
         # center + 127.5 * step can exceed float32 max by a rounding error only when a block spans ~2 * max.
-        if (centers.abs() + 127.5 * steps.double()).max().item() >= torch.finfo(torch.float32).max / 2:
+        if (centers.abs() + self.levels / 2 * steps.double()).max().item() >= torch.finfo(torch.float32).max / 2:
             result.clamp_(-torch.finfo(torch.float32).max, torch.finfo(torch.float32).max)
         return result
 
 
-_COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression, "int8": Uint8BlockwiseCompression}
+@dataclass(frozen=True)
+class Uint4BlockwiseCompression(Uint8BlockwiseCompression):
+    """4-bit blockwise linear quantization (about half a byte per element): :class:`Uint8BlockwiseCompression`'s
+    algorithm with codes ``0..15`` (``step = half_span / 7.5``, error at most ``(hi - lo) / 15 / 2`` per element),
+    two codes per byte (element ``2i`` in the low nibble, ``2i + 1`` in the high one).
+
+    Meant for DiLoCo's pseudo-gradients, with error feedback (:class:`ErrorFeedback`) so what one round loses
+    is sent in the next. Wire layout: ``center: float32[b] | step: float32[b] | codes: uint8[ceil(n / 2)]``.
+    """
+
+    block_size: int = 1024
+    name: str = field(default="int4", init=False)
+    levels = 15
+
+    @staticmethod
+    def _code_bytes(numel: int) -> int:
+        return (numel + 1) // 2
+
+    @staticmethod
+    def _pack(codes: np.ndarray) -> np.ndarray:
+        if codes.size % 2:
+            codes = np.append(codes, np.uint8(0))
+        return codes[0::2] | (codes[1::2] << 4)
+
+    @staticmethod
+    def _unpack(data: Buffer, offset: int, numel: int) -> torch.Tensor:
+        packed = _view_as(data, torch.uint8, (numel + 1) // 2, offset=offset)
+        codes = torch.stack((packed & 15, packed >> 4), dim=1).view(-1)
+        return codes[:numel]
+
+
+_COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression, "int8": Uint8BlockwiseCompression,
+                 "int4": Uint4BlockwiseCompression}
 
 
 def get_compression(name: str, **kwargs) -> Compression:

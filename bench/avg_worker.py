@@ -61,6 +61,9 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply our contribution (a Byzantine peer)")
     p.add_argument("--clip-tau", type=float, default=None, help="CenteredClip radius (robust rounds)")
     p.add_argument("--client-mode", action="store_true")
+    p.add_argument("--error-feedback", action="store_true", help="Averager(error_feedback=True)")
+    p.add_argument("--same-contribution", action="store_true",
+                   help="every round contributes the original tensor again; --out saves the mean of the results")
     p.add_argument("--out", default=None)
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args()
@@ -79,15 +82,18 @@ def main() -> None:
                         compression=args.compression, bandwidth=args.bandwidth,
                         matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout,
                         clip_tau=args.clip_tau, ban_seconds=args.ban_seconds,
-                        max_abs_value=args.max_abs_value)
+                        max_abs_value=args.max_abs_value, error_feedback=args.error_feedback)
     if args.garbage:
         averager.compression = NaNSender(averager.compression)
     print(json.dumps({"peer_id": dht.peer_id, "addrs": dht.addrs}), flush=True)
     if args.start_at < 0:
         sys.stdin.readline()
     time.sleep(max(0.0, args.start_at - time.time()))
+    original, results_sum, results_n = tensor.clone(), torch.zeros_like(tensor), 0
     for r in range(args.rounds):
         t0 = time.time()
+        if args.same_contribution:
+            tensor.copy_(original)
         try:
             res = averager.step(weight=args.weight)
             line = {"round": r, "ok": res.ok, "group_size": res.group_size, "duration": res.duration,
@@ -98,11 +104,14 @@ def main() -> None:
         except ValueError as e:
             line = {"round": r, "ok": False, "error": str(e), "duration": time.time() - t0}
         line["wall"] = time.time() - t0
+        if args.same_contribution and line["ok"]:
+            results_sum += tensor
+            results_n += 1
         print(json.dumps(line), flush=True)
         if r + 1 < args.rounds:
             time.sleep(args.pause)
     if args.out:
-        torch.save(tensor, args.out)
+        torch.save(results_sum / max(results_n, 1) if args.same_contribution else tensor, args.out)
     print(json.dumps({"done": True}), flush=True)
     averager.shutdown()
     dht.shutdown()

@@ -104,7 +104,7 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=800, help="samples per swarm trainer (default: %(default)s)")
     p.add_argument("--grad-samples", type=int, default=160, help="samples per trainer of the grad run")
     p.add_argument("--local-steps", type=int, default=10, help="DiLoCo inner steps (default: %(default)s)")
-    p.add_argument("--compression", default="none", choices=["none", "fp16", "int8"],
+    p.add_argument("--compression", default="none", choices=["none", "fp16", "int8", "int4"],
                    help="how the DiLoCo run's averaging encodes pseudo-gradients (the grad run stays exact)")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
     p.add_argument("--json", action="store_true", help="(kept for symmetry with the other benches)")

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--client-mode", action="store_true",
                      help="do not accept incoming connections (for peers behind NAT): "
                           "this peer only calls others and is never in their routing tables")
+    net.add_argument("--bulk-port", type=int, default=0, metavar="PORT",
+                     help="TCP port for big transfers (averaging, state downloads), which go beside libp2p on "
+                          "their own encrypted sockets at ~10x less CPU per byte; 0 (default) picks a free port "
+                          "on the listen addresses. Behind a NAT, fix it and forward it too; if others cannot "
+                          "reach it they fall back to slower libp2p streams")
     net.add_argument("--swarm", default="default",
                      help="swarm name; peers of different swarms ignore each other (default: %(default)s)")
     private = p.add_argument_group("private swarms")
@@ -69,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="diloco: average pseudo-gradients every --local-steps steps (default); "
                             "grad: average gradients every step")
     train.add_argument("--local-steps", type=int, default=20, help="DiLoCo inner steps per averaging round")
-    train.add_argument("--compression", default="none", choices=["none", "fp16", "int8"],
+    train.add_argument("--compression", default="none", choices=["none", "fp16", "int8", "int4"],
                        help="how averaging rounds encode the dense tensors they send: none (exact float32), "
-                            "fp16 (half the bytes) or int8 (a quarter, blockwise 8-bit; default: none)")
+                            "fp16 (half the bytes), int8 (a quarter, blockwise 8-bit) or int4 (an eighth, "
+                            "blockwise 4-bit); with --sync diloco, what compression loses in one round is "
+                            "sent in the next (error feedback) (default: none)")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per local step")
     train.add_argument("--max-samples", type=int, default=None, help="stop after this many local samples")
     train.add_argument("--shard", default="0/1", metavar="I/N",
@@ -224,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         dht = DHT(initial_peers=args.initial_peers, swarm=args.swarm, host_maddrs=args.host_maddrs,
                   announce_maddrs=args.announce_maddrs, identity_path=args.identity, client_mode=args.client_mode,
-                  psk=args.psk, allowed_peers=args.allow_peers)
+                  psk=args.psk, allowed_peers=args.allow_peers, bulk_port=args.bulk_port)
         if dht.addrs:
             print("To join this swarm, run:\n  " + join_command(dht.addrs, args.swarm), flush=True)
             print("All addresses of this peer: " + " ".join(dht.addrs), flush=True)

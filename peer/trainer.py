@@ -113,7 +113,8 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
             sync_tensors = [p.grad for p in self.dense]
         self.averager = Averager(sync_tensors, dht, self.prefix, target_group_size=config.group_size,
-                                 compression=config.compression, matchmaking_time=config.matchmaking_time)
+                                 compression=config.compression, matchmaking_time=config.matchmaking_time,
+                                 error_feedback=config.sync == "diloco")
         self.step = self.samples = self.samples_since_sync = 0
         self.rounds_ok = self.rounds_failed = 0
         self.skipped_steps = 0  # batches skipped because too few experts answered

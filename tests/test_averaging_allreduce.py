@@ -70,6 +70,25 @@ def test_compression_error_bounds(bootstrap, tmp_path, compression, tol):
         assert torch.equal(t, tensors[0])
 
 
+def test_error_feedback_cancels_quantization_error_over_rounds(bootstrap, tmp_path):
+    """3 peers send the same int4 contributions for 6 rounds. int4 rounds every round the same way, so
+    without error feedback the mean of the results keeps one round's full error; with it, each round
+    sends what the last one lost and the mean of the results approaches the exact mean (~1/rounds)."""
+    n, size, rounds = 3, 50_000, 6
+    expected = torch.stack([torch.randn(size, generator=torch.Generator().manual_seed(20 + i))
+                            for i in range(n)]).mean(0)
+    errors = {}
+    for feedback in (False, True):
+        specs = [dict(size=size, seed=20 + i, group=n, compression="int4", matchmaking_time=2, rounds=rounds,
+                      pause=0.3, same_contribution=True, error_feedback=feedback) for i in range(n)]
+        (tmp_path / str(feedback)).mkdir()
+        results, tensors = run_group(bootstrap, tmp_path / str(feedback), specs, timeout=120)
+        assert all(line["ok"] and line["group_size"] == n for res in results for line in res), results
+        assert all(torch.equal(t, tensors[0]) for t in tensors)          # bit-identical means of results
+        errors[feedback] = (tensors[0] - expected).abs().mean().item()
+    assert errors[True] < errors[False] / 3, errors
+
+
 def test_nan_contributor_is_excluded(bootstrap, tmp_path):
     specs = [dict(size=30_000, value=1.0, group=3, matchmaking_time=3),
              dict(size=30_000, value=3.0, group=3, matchmaking_time=3),

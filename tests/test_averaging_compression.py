@@ -12,12 +12,15 @@ from averaging.compression import (
     ErrorFeedback,
     Float16Compression,
     NoCompression,
+    Uint4BlockwiseCompression,
     Uint8BlockwiseCompression,
     choose_compression,
     get_compression,
 )
 
-ALL = [NoCompression(), Float16Compression(), Uint8BlockwiseCompression(), Uint8BlockwiseCompression(block_size=64)]
+ALL = [NoCompression(), Float16Compression(), Uint8BlockwiseCompression(), Uint8BlockwiseCompression(block_size=64),
+       Uint4BlockwiseCompression(), Uint4BlockwiseCompression(block_size=7)]
+BLOCKWISE = [Uint8BlockwiseCompression, Uint4BlockwiseCompression]
 FMAX = torch.finfo(torch.float32).max
 
 
@@ -92,38 +95,50 @@ def _block_rows(flat, block_size):
     return rows
 
 
-def _assert_int8_bound(chunk, restored, block_size):
-    """|x - x'| <= (block max - block min) / 255 / 2, up to float32 rounding, for every block."""
+def _assert_int8_bound(chunk, restored, block_size, levels=255):
+    """|x - x'| <= (block max - block min) / levels / 2, up to float32 rounding, for every block."""
     for block, approx in zip(_block_rows(chunk.double(), block_size), _block_rows(restored.double(), block_size)):
         if block.numel() == 0:
             continue
         spread = block.amax(dim=1, keepdim=True) - block.amin(dim=1, keepdim=True)
         rounding = 4 * 2**-24 * block.abs().amax(dim=1, keepdim=True) + 1e-43  # relative; absolute if subnormal
-        assert ((block - approx).abs() <= spread / 510 * (1 + 1e-5) + rounding).all()
+        assert ((block - approx).abs() <= spread / (2 * levels) * (1 + 1e-5) + rounding).all()
 
 
+@pytest.mark.parametrize("cls", BLOCKWISE, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("block_size", [1, 7, 256, 4096])
-def test_int8_error_bound(block_size):
+def test_int8_error_bound(block_size, cls):
     chunk = _random(20_011, seed=block_size)
     chunk[: 20_011 // 2] *= 1000.0  # blocks with very different ranges
     chunk[5000:6000] += 1e4  # large offsets relative to the spread
     chunk[9000:9100] = 0.25  # constant region
-    compression = Uint8BlockwiseCompression(block_size=block_size, slab_elems=1000)
+    compression = cls(block_size=block_size, slab_elems=1000)
     restored = compression.decompress(compression.compress(chunk), chunk.numel())
-    _assert_int8_bound(chunk, restored, block_size)
+    _assert_int8_bound(chunk, restored, block_size, compression.levels)
 
 
 @settings(max_examples=60, deadline=None, database=None)
 @given(
     values=st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=300),
     block_size=st.sampled_from([1, 3, 16, 4096]),
+    cls=st.sampled_from(BLOCKWISE),
 )
-def test_int8_error_bound_property(values, block_size):
+def test_int8_error_bound_property(values, block_size, cls):
     chunk = torch.tensor(values, dtype=torch.float32)
-    compression = Uint8BlockwiseCompression(block_size=block_size, slab_elems=32)
+    compression = cls(block_size=block_size, slab_elems=32)
     restored = compression.decompress(compression.compress(chunk), chunk.numel())
     assert torch.isfinite(restored).all()
-    _assert_int8_bound(chunk, restored, block_size)
+    _assert_int8_bound(chunk, restored, block_size, compression.levels)
+
+
+def test_int4_packs_two_codes_per_byte():
+    int4 = Uint4BlockwiseCompression(block_size=1024)
+    assert int4.bytes_for(0) == 0 and int4.bytes_for(1) == 9 and int4.bytes_for(1024) == 512 + 8
+    assert int4.bytes_for(1025) == 513 + 16
+    chunk = torch.tensor([0.0, 15.0, 1.0, 14.0, 7.0], dtype=torch.float32)    # one block: step 1, codes = values
+    data = int4.compress(chunk)
+    assert list(data[8:]) == [0 | 15 << 4, 1 | 14 << 4, 7]
+    assert torch.equal(int4.decompress(data, 5), chunk)
 
 
 def test_int8_constant_block_is_exact_and_extremes_stay_finite():
@@ -206,7 +221,7 @@ def test_factories():
     assert isinstance(get_compression("fp16"), Float16Compression)
     assert get_compression("int8") == Uint8BlockwiseCompression(block_size=4096)
     assert get_compression("int8", block_size=128).block_size == 128
-    assert [c.name for c in ALL[:3]] == ["none", "fp16", "int8"]
+    assert [c.name for c in ALL[:3]] == ["none", "fp16", "int8"] and get_compression("int4").name == "int4"
     with pytest.raises(ValueError, match="unknown compression"):
         get_compression("zstd")
     with pytest.raises(ValueError, match="block_size"):
