@@ -4,9 +4,11 @@ Text is treated as raw UTF-8 bytes (vocabulary 256), so any text works without a
 The default corpus ``peer/data/corpus.txt`` ships with the package (built from CPython's own
 documentation, see ``peer/data/README.md``), so training never needs a download.
 
-Sharding rule: the training bytes are cut into ``n`` contiguous, equal shards and peer ``i`` of
-``n`` draws its windows only from shard ``i``; peers therefore never see the same bytes, and each
-peer's random order comes from its own seed ``(seed, i, n)``.
+Sharding rule: the training bytes are cut into stripes of :data:`STRIPE_BYTES`; stripe ``k`` belongs to
+shard ``k mod n``, and peer ``i`` of ``n`` draws its windows only from inside its own stripes. Peers never
+see the same bytes, yet every shard samples the whole corpus evenly (contiguous quarters of a corpus
+made of documents would give each peer different topics, and their models would drift apart between
+averaging rounds). Each peer's random order comes from its own seed ``(seed, i, n)``.
 """
 
 from __future__ import annotations
@@ -99,34 +101,48 @@ class ByteDataset:
         return chunk[:-1], chunk[1:]
 
 
-def shard_bounds(dataset: ByteDataset, shard: tuple[int, int]) -> tuple[int, int]:
-    """Return ``[first, last)`` byte range of shard ``shard = (i, n)`` of ``dataset`` (contiguous, disjoint)."""
+STRIPE_BYTES = 16384
+
+
+def shard_ranges(dataset: ByteDataset, shard: tuple[int, int]) -> torch.Tensor:
+    """The ``[first, last)`` byte ranges of shard ``shard = (i, n)`` of ``dataset``, as an int64 tensor ``[k, 2]``.
+
+    Stripes are :data:`STRIPE_BYTES` long (at least two windows); shard ``i`` holds stripes ``i, i + n, ...``
+    that fit at least one whole window. Shards are disjoint and together cover the data.
+    """
     index, count = shard
     if not isinstance(count, int) or count < 1 or not isinstance(index, int) or not 0 <= index < count:
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
-    total = len(dataset.data)
-    first, last = total * index // count, total * (index + 1) // count
-    if last - first < dataset.block_size + 1:
-        raise ValueError(f"shard {shard} has {last - first} bytes; need at least block_size + 1 = "
-                         f"{dataset.block_size + 1} (use fewer shards or a bigger corpus)")
-    return first, last
+    total, window = len(dataset.data), dataset.block_size + 1
+    stripe = max(STRIPE_BYTES, 2 * window)
+    firsts = torch.arange(index * stripe, max(total, index * stripe), count * stripe, dtype=torch.int64)
+    ranges = torch.stack([firsts, (firsts + stripe).clamp(max=total)], dim=1)
+    ranges = ranges[ranges[:, 1] - ranges[:, 0] >= window]
+    if not len(ranges):
+        raise ValueError(f"shard {shard} holds no window of {window} bytes: {total} bytes cut into stripes of "
+                         f"{stripe} give shard {index} none (use fewer shards or a bigger corpus)")
+    return ranges
 
 
 def batches(dataset: ByteDataset, batch_size: int, seed: int = 0,
             shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` LongTensors ``[batch_size, block_size]`` forever, sampling windows inside one shard.
 
-    Windows start at uniformly random positions of shard ``i`` of ``n`` (see :func:`shard_bounds`) and lie
-    entirely inside it. The sequence is deterministic for a given ``(seed, i, n)`` and differs between peers.
+    Each window lies entirely inside one stripe of shard ``i`` of ``n`` (see :func:`shard_ranges`), at a
+    uniformly random position of the shard's bytes. The sequence is deterministic for a given
+    ``(seed, i, n)`` and differs between peers.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    first, last = shard_bounds(dataset, shard)
+    ranges = shard_ranges(dataset, shard)
     block = dataset.block_size
+    starts_per_range = ranges[:, 1] - ranges[:, 0] - block      # window starts that fit in each stripe
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *shard]).generate_state(1)[0]))
     offsets = torch.arange(block + 1)
     while True:
-        starts = torch.randint(first, last - block, (batch_size,), generator=generator)
+        which = torch.multinomial(starts_per_range.double(), batch_size, replacement=True, generator=generator)
+        within = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * starts_per_range[which]).long()
+        starts = ranges[which, 0] + within
         windows = dataset.data[starts[:, None] + offsets].long()
         yield windows[:, :-1], windows[:, 1:]
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from peer.data import DEFAULT_CORPUS, ByteDataset, batches, eval_batches, load_corpus, shard_bounds
+from peer.data import DEFAULT_CORPUS, STRIPE_BYTES, ByteDataset, batches, eval_batches, load_corpus, shard_ranges
 
 
 def random_text(length, seed=0):
@@ -96,27 +96,36 @@ def test_batches_are_shifted_deterministic_and_seeded():
 
 
 def test_shards_are_disjoint_and_cover_the_data():
-    text = random_text(20_000, seed=1)
+    text = random_text(200_000, seed=1)
     dataset = ByteDataset(text, block_size=16)
     n = 3
-    bounds = [shard_bounds(dataset, (i, n)) for i in range(n)]
-    assert bounds[0][0] == 0 and bounds[-1][1] == len(dataset.data)
-    assert all(bounds[i][1] == bounds[i + 1][0] for i in range(n - 1))
-    shard_bytes = [bytes(dataset.data[a:b].tolist()) for a, b in bounds]
+    ranges = [shard_ranges(dataset, (i, n)).tolist() for i in range(n)]
+    covered = sorted(r for rs in ranges for r in rs)
+    assert covered[0][0] == 0 and covered[-1][1] == len(dataset.data)
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))          # disjoint, no gaps
+    assert all(len(rs) >= 3 for rs in ranges)                               # striped over the whole corpus
+    assert {r[0] // STRIPE_BYTES % n for r in ranges[1]} == {1}
+    data = bytes(dataset.data.tolist())
     for i in range(n):
-        for x, y in itertools.islice(batches(dataset, batch_size=16, seed=0, shard=(i, n)), 5):
+        spans = [data[a:b] for a, b in ranges[i]]
+        others = [data[a:b] for j in range(n) if j != i for a, b in ranges[j]]
+        stripes_hit = set()
+        for x, y in itertools.islice(batches(dataset, batch_size=16, seed=0, shard=(i, n)), 20):
             for row_x, row_y in zip(x.tolist(), y.tolist()):
                 window = bytes(row_x + row_y[-1:])
-                assert window in shard_bytes[i]
-                assert all(window not in shard_bytes[j] for j in range(n) if j != i)
+                inside = [k for k, span in enumerate(spans) if window in span]
+                assert inside, "a window crosses a stripe boundary or lies outside the shard"
+                assert all(window not in span for span in others)
+                stripes_hit.update(inside)
+        assert len(stripes_hit) == len(spans)                               # samples the whole corpus
     # same seed, different peers: different streams
     first = [next(batches(dataset, 8, seed=0, shard=(i, n)))[0] for i in range(n)]
     assert not torch.equal(first[0], first[1])
     for bad in [(3, 3), (-1, 3), (0, 0)]:
         with pytest.raises(ValueError):
-            shard_bounds(dataset, bad)
+            shard_ranges(dataset, bad)
     with pytest.raises(ValueError):
-        shard_bounds(dataset, (0, 5000))  # shards smaller than a window
+        shard_ranges(dataset, (20, 21))  # 200 KB in 16 KB stripes: shard 20 of 21 gets none
 
 
 def test_eval_batches_cover_disjoint_windows():
