@@ -85,13 +85,35 @@ def test_state_blob_decoder_rejects_garbage_and_corruption_cleanly(noise, positi
 
 
 @FUZZ
-@given(st.sampled_from(["fp16", "int8", "none"]), st.binary(max_size=5000), st.integers(0, 5000))
+@given(st.sampled_from(["fp16", "int8", "int4", "none"]), st.binary(max_size=5000), st.integers(0, 5000))
 def test_decompress_rejects_wrong_sizes_cleanly(name, blob, count):
     try:
         out = get_compression(name).decompress(blob, count)
     except ValueError:
         return
     assert out.numel() == count
+
+
+@FUZZ
+@given(st.binary(max_size=3000), st.binary(min_size=32, max_size=32))
+def test_bulk_record_decoder_rejects_garbage_cleanly(data, key):
+    """Whatever arrives on a bulk socket (here: random bytes, then EOF) is a clean error, never a crash or
+    a hang, and no garbage is ever returned as plaintext."""
+    import trio
+    from p2p.bulk import SecureSocket
+
+    async def main():
+        a, b = trio.socket.socketpair()
+        reader = SecureSocket(b, key, initiator=False)
+        with a:
+            await a.send(data)
+        with trio.fail_after(5):
+            try:
+                assert await reader.read() == b"", "random bytes authenticated as a record"
+            except (P2PError, trio.BrokenResourceError, OSError):
+                pass
+        await reader.reset()
+    trio.run(main)
 
 
 # ------------------------------------------------------------------------------- live handlers
@@ -114,13 +136,14 @@ sys.stdin.readline()
 METHODS = [("dht", m) for m in ("ping", "store", "find", "peers")] + \
           [("experts", m) for m in ("forward", "backward", "info")] + \
           [("averager.fuzz", m) for m in ("join", "part", "status", "fetch")] + \
-          [("state.fuzz", m) for m in ("pieces", "read")]
+          [("state.fuzz", m) for m in ("pieces", "read")] + [("bulk", "open")]
 
 
 def arguments(method: str):
     """Random structures, and dicts with the field names the handlers read (so checks deeper in are hit)."""
     fields = ["records", "keys", "values", "sender", "uid", "x", "grad", "round", "part", "weight", "repair",
-              "group", "peer", "sha256", "start", "end", "step", "signature", "addrs", "client", "expiration"]
+              "group", "peer", "sha256", "start", "end", "step", "signature", "addrs", "client", "expiration",
+              "service", "version"]
     shaped = st.dictionaries(st.sampled_from(fields), structures, max_size=6)
     wire_like = st.fixed_dictionaries({"uid": st.sampled_from(["ffn.0.0", "nope", ""]),
                                        "x": structures, "grad": structures})
@@ -184,4 +207,30 @@ def test_raw_garbage_frames_leave_the_server_serving(fuzz_target):
                     await stream.reset()
     node.run(spray, timeout=120)
     assert isinstance(node.call_sync(server_id, "dht", "ping", {"sender": client.protocol.sender_info()}, timeout=5), dict)
+    assert "Traceback" not in server.log()
+
+
+def test_garbage_on_the_bulk_port_leaves_the_server_serving(fuzz_target):
+    """Random bytes (short, token-sized, long) on the bulk TCP port are closed; then a bulk call still works."""
+    import socket
+    server, server_id, client = fuzz_target
+    port = client.node.call_sync(server_id, "bulk", "open", {"service": "dht", "version": "1"}, timeout=5)["port"]
+    for junk in (b"", b"\x00", os.urandom(16), os.urandom(5000)):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(15)
+            try:
+                assert s.recv(100) == b""     # closed, nothing said
+            except ConnectionResetError:
+                pass
+    async def bulk_ping():
+        stream = await client.node.open_stream(server_id, "dht", timeout=5, bulk=True)
+        try:
+            await stream.send_msg(["ping", {"sender": client.protocol.sender_info()}])
+            return type(stream.raw).__name__, await stream.recv_msg()
+        finally:
+            await stream.close()
+    transport, reply = client.node.run(bulk_ping, timeout=30)
+    assert transport == "SecureSocket" and reply[0] == "ok", reply
     assert "Traceback" not in server.log()
