@@ -10,8 +10,8 @@ Every compression turns a chunk into ``bytes`` and back:
 
 Each compression knows the exact size of its output for a given number of elements
 (:meth:`Compression.bytes_for`), so a receiver can pre-size buffers and validate what arrives.
-:class:`ErrorFeedback` makes repeated lossy compression unbiased over rounds, and
-:func:`choose_compression` keeps small tensors uncompressed.
+:func:`choose_compression` keeps small tensors uncompressed; error feedback over rounds lives in the
+averager (``Averager(error_feedback=True)``).
 
 Byte order: all multi-byte fields are in the machine's native byte order, which is little-endian on
 every platform we support (x86-64, aarch64); a big-endian host is rejected at import time.
@@ -25,7 +25,7 @@ import sys
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Hashable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -282,7 +282,7 @@ class Uint4BlockwiseCompression(Uint8BlockwiseCompression):
     algorithm with codes ``0..15`` (``step = half_span / 7.5``, error at most ``(hi - lo) / 15 / 2`` per element),
     two codes per byte (element ``2i`` in the low nibble, ``2i + 1`` in the high one).
 
-    Meant for DiLoCo's pseudo-gradients, with error feedback (:class:`ErrorFeedback`) so what one round loses
+    Meant for DiLoCo's pseudo-gradients, with error feedback (``Averager(error_feedback=True)``) so what one round loses
     is sent in the next. Wire layout: ``center: float32[b] | step: float32[b] | codes: uint8[ceil(n / 2)]``.
     """
 
@@ -328,60 +328,3 @@ def choose_compression(
     """
     requested = get_compression(requested_name)  # validates the name even for small tensors
     return NoCompression() if tensor_numel < min_numel_to_compress else requested
-
-
-class ErrorFeedback:
-    """Per-key residuals that make repeated lossy compression unbiased over rounds.
-
-    For each key (any hashable naming one chunk slot, e.g. ``(tensor_index, start, end)``) we remember what the
-    last compression lost and add it back before the next one (error feedback / EF-SGD):
-
-    1. ``corrected = chunk + residual[key]`` (residual starts at zero);
-    2. ``data = compression.compress(corrected)``;
-    3. ``residual[key] = corrected - compression.decompress(data)``.
-
-    The sum of decompressed values over T rounds then differs from the sum of true values by one residual only,
-    so the running average converges at rate O(1/T). Memory: 4 bytes per element of every key ever used with a
-    lossy compression; call :meth:`discard` / :meth:`clear` when a slot is no longer used (e.g. the group changed).
-    Lossless compression (``"none"``) stores nothing.
-    """
-
-    def __init__(self):
-        self._residuals: dict[Hashable, torch.Tensor] = {}
-
-    def compress_with_feedback(self, key: Hashable, chunk: torch.Tensor, compression: Compression) -> bytes:
-        """Compress ``chunk + residual[key]`` and remember the new residual; returns the compressed bytes."""
-        _check_chunk(chunk)
-        if isinstance(compression, NoCompression):
-            self._residuals.pop(key, None)
-            return compression.compress(chunk)
-        residual = self._residuals.get(key)
-        if residual is not None and residual.shape != chunk.shape:
-            raise ValueError(
-                f"error-feedback slot {key!r} holds {residual.numel()} elements but the chunk has {chunk.numel()}; "
-                f"use a key that identifies the range, or discard({key!r}) first"
-            )
-        corrected = chunk.clone() if residual is None else torch.add(chunk, residual)
-        data = compression.compress(corrected)
-        corrected.sub_(compression.decompress(data, chunk.numel()))
-        self._residuals[key] = corrected  # reuse the buffer as the new residual
-        return data
-
-    def residual(self, key: Hashable) -> torch.Tensor | None:
-        """The residual currently stored for ``key`` (None if there is none)."""
-        return self._residuals.get(key)
-
-    def discard(self, key: Hashable) -> None:
-        """Forget the residual of ``key`` (no error if absent)."""
-        self._residuals.pop(key, None)
-
-    def clear(self) -> None:
-        """Forget all residuals."""
-        self._residuals.clear()
-
-    def memory_bytes(self) -> int:
-        """Bytes held by residuals."""
-        return sum(r.numel() * r.element_size() for r in self._residuals.values())
-
-    def __len__(self) -> int:
-        return len(self._residuals)

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from averaging.compression import (
-    ErrorFeedback,
     Float16Compression,
     NoCompression,
     Uint4BlockwiseCompression,
@@ -229,38 +228,3 @@ def test_factories():
     assert choose_compression(100, "int8").name == "none"
     assert choose_compression(65536, "int8").name == "int8"
     assert choose_compression(1000, "fp16", min_numel_to_compress=10).name == "fp16"
-
-
-def test_error_feedback_makes_average_converge():
-    compression = Uint8BlockwiseCompression(block_size=1024)
-    true = _random(4096, seed=3)
-    feedback = ErrorFeedback()
-    rounds = 64
-    with_feedback = torch.zeros_like(true)
-    for _ in range(rounds):
-        data = feedback.compress_with_feedback(("grad", 0), true, compression)
-        with_feedback += compression.decompress(data, true.numel())
-    without = compression.decompress(compression.compress(true), true.numel())
-    error_with = (with_feedback / rounds - true).abs().max().item()
-    error_without = (without - true).abs().max().item()
-    assert error_without > 1e-4
-    assert error_with < error_without / 20
-    # the accumulated sum differs from the true sum by exactly the stored residual (up to rounding)
-    residual = feedback.residual(("grad", 0))
-    assert torch.allclose(with_feedback + residual, true * rounds, atol=1e-3)
-    assert feedback.memory_bytes() == 4096 * 4 and len(feedback) == 1
-
-
-def test_error_feedback_bookkeeping():
-    feedback = ErrorFeedback()
-    chunk = _random(100)
-    assert feedback.compress_with_feedback("k", chunk, NoCompression()) == NoCompression().compress(chunk)
-    assert feedback.residual("k") is None  # lossless: nothing to remember
-    feedback.compress_with_feedback("k", chunk, Float16Compression())
-    assert feedback.residual("k").shape == (100,)
-    with pytest.raises(ValueError, match="discard"):
-        feedback.compress_with_feedback("k", chunk[:50], Float16Compression())
-    feedback.discard("k")
-    feedback.compress_with_feedback("k", chunk[:50], Float16Compression())
-    feedback.clear()
-    assert len(feedback) == 0
