@@ -1,6 +1,6 @@
 """Swarm training against one process on the same number of samples, and bytes per sample of each sync.
 
-``python bench/train.py [--trainers 4] [--samples 800] [--local-steps 10] --json``
+``python bench/train.py [--trainers 4] [--samples 800] [--local-steps 13] [--compression int4] --json``
 
 Three runs, each a fresh local swarm of real ``python -m peer`` processes on loopback (a bootstrap and
 two expert hosts serving the whole expert grid, so experts train from scratch every run):
@@ -103,8 +103,8 @@ def main() -> int:
     p.add_argument("--trainers", type=int, default=4)
     p.add_argument("--samples", type=int, default=800, help="samples per swarm trainer (default: %(default)s)")
     p.add_argument("--grad-samples", type=int, default=160, help="samples per trainer of the grad run")
-    p.add_argument("--local-steps", type=int, default=10, help="DiLoCo inner steps (default: %(default)s)")
-    p.add_argument("--compression", default="none", choices=["none", "fp16", "int8", "int4"],
+    p.add_argument("--local-steps", type=int, default=13, help="DiLoCo inner steps (default: %(default)s)")
+    p.add_argument("--compression", default="int4", choices=["none", "fp16", "int8", "int4"],
                    help="how the DiLoCo run's averaging encodes pseudo-gradients (the grad run stays exact)")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
     p.add_argument("--json", action="store_true", help="(kept for symmetry with the other benches)")
@@ -125,6 +125,8 @@ def main() -> int:
            "loss_ratio": round(loss_swarm / loss_single, 4), "eval_loss_grad": round(loss_grad, 4),
            "bytes_per_sample": {"grad": round(bytes_grad), "diloco": round(bytes_diloco)},
            "diloco_vs_grad_bytes": round(bytes_grad / max(bytes_diloco, 1e-9), 1),
+           "targets_met": {"loss_ratio<=1.05": loss_swarm / loss_single <= 1.05,
+                           "diloco_bytes>=100x_fewer": bytes_grad >= 100 * bytes_diloco},
            "rounds": {"diloco": [t["rounds_ok"] for t in diloco["trainers"]],
                       "grad": [t["rounds_ok"] for t in grad["trainers"]]},
            "seconds": {"diloco": diloco["seconds"], "single": single["seconds"], "grad": grad["seconds"]}}
