@@ -54,7 +54,7 @@ from bench.common import REPO_ROOT, _die_with_parent, ensure_hivemind_venv, pss_
 
 OUR_WORKER = str(Path(__file__).resolve().parent / "avg_worker.py")
 HIVEMIND_WORKER = str(Path(__file__).resolve().parent / "hivemind_allreduce_worker.py")
-WIRE_BYTES_PER_ELEM = {"none": 4.0, "fp16": 2.0, "int8": 1.0 + 8 / 4096}
+WIRE_BYTES_PER_ELEM = {"none": 4.0, "fp16": 2.0, "int8": 1.0 + 8 / 4096, "int4": 0.5 + 8 / 1024}
 
 
 def log(*parts: Any) -> None:
@@ -262,7 +262,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--size", type=int, default=1 << 24, help="float32 elements per peer")
-    p.add_argument("--compression", default="none", choices=["none", "fp16", "int8"])
+    p.add_argument("--compression", default="none", choices=["none", "fp16", "int8", "int4"],
+                   help="int4 has no hivemind counterpart (hivemind's smallest is 8-bit)")
     p.add_argument("--rounds", type=int, default=3, help="the first one is a warm-up")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between rounds")
     p.add_argument("--matchmaking-time", type=float, default=2.0, help="ours (hivemind keeps its default 5 s)")
@@ -279,6 +280,8 @@ def main() -> int:
         p.error("need --peers >= 2, --size >= 1, --rounds >= 1")
     if args.bandwidth_mbit is not None and not args.netns:
         p.error("--bandwidth-mbit needs --netns")
+    if args.compression == "int4" and (args.vs_hivemind or args.only_hivemind):
+        p.error("hivemind has no 4-bit compression to compare int4 with")
 
     result: dict[str, Any] = {"peers": args.peers, "size": args.size, "compression": args.compression,
                               "rounds": args.rounds, "netns": args.netns, "bandwidth_mbit": args.bandwidth_mbit,
