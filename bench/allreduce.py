@@ -160,6 +160,7 @@ def run_impl(impl: str, args, tmp: Path, topo=None) -> dict:
             if impl == "ours":
                 argv += ["--matchmaking-time", str(args.matchmaking_time), "--log-level", args.log_level,
                          "--bandwidth", str(args.bandwidth_mbit / 8 if args.bandwidth_mbit else args.declared_mb_s)]
+                argv += ["--no-bulk"] if args.no_bulk else []
             if initial:
                 argv += ["--initial-peers", *initial]
             peers.append(Peer(argv, tmp / f"{impl}-{i}.log", topo, i))
@@ -274,6 +275,8 @@ def main() -> int:
     p.add_argument("--bandwidth-mbit", type=float, default=None, help="with --netns: per-peer up/down cap")
     p.add_argument("--keep-logs", action="store_true")
     p.add_argument("--log-level", default="WARNING", help="our workers' log level (logs: see --keep-logs)")
+    p.add_argument("--no-bulk", action="store_true",
+                   help="ours without the bulk data plane (all data on libp2p streams), to compare the two")
     p.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
     args = p.parse_args()
     if args.peers < 2 or args.size < 1 or args.rounds < 1:
@@ -284,6 +287,7 @@ def main() -> int:
         p.error("hivemind has no 4-bit compression to compare int4 with")
 
     result: dict[str, Any] = {"peers": args.peers, "size": args.size, "compression": args.compression,
+                              "bulk": not args.no_bulk,
                               "rounds": args.rounds, "netns": args.netns, "bandwidth_mbit": args.bandwidth_mbit,
                               "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     tmp = Path(tempfile.mkdtemp(prefix="allreduce-bench-"))

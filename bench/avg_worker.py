@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--clip-tau", type=float, default=None, help="CenteredClip radius (robust rounds)")
     p.add_argument("--client-mode", action="store_true")
     p.add_argument("--error-feedback", action="store_true", help="Averager(error_feedback=True)")
+    p.add_argument("--no-bulk", action="store_true", help="no bulk data plane: all data on libp2p streams")
     p.add_argument("--same-contribution", action="store_true",
                    help="every round contributes the original tensor again; --out saves the mean of the results")
     p.add_argument("--out", default=None)
@@ -77,7 +78,7 @@ def main() -> None:
     if args.nan:
         tensor[::7] = float("nan")
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
-              client_mode=args.client_mode)
+              client_mode=args.client_mode, bulk_port=None if args.no_bulk else 0)
     averager = Averager([tensor], dht, "bench", target_group_size=args.group, min_group_size=args.min_group,
                         compression=args.compression, bandwidth=args.bandwidth,
                         matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout,
