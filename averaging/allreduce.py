@@ -136,7 +136,10 @@ class AllReduceRound:
                 await self._wait_progress(part)
         for sender in reducer.active_senders:
             if sender not in started:
+                logger.info("Round %s: excluding %s from part %d (it never started sending)", self.round_id[-8:],
+                            sender[-8:], part)
                 reducer.exclude(sender)
+                self.stats.excluded.add(sender)
         # wait for every sender's end mark, not just for its data: a sender whose chunks are all in but
         # whose END frame is still in flight has not finished, and must not be excluded for it
         with trio.move_on_after(deadline_senders):
@@ -237,13 +240,17 @@ class AllReduceRound:
         """Receive ``sender_id``'s slice of ``part``, then send back the reduced part."""
         if sender_id not in self.peer_ids or not 0 <= part < len(self.parts):
             raise ValueError(f"{sender_id[-8:]} is not a member of round {self.round_id[-8:]} or part is invalid")
-        if self.averager.bans.is_banned(sender_id):
-            raise ValueError(f"we do not average with you: {self.averager.bans.why(sender_id)}")
         with trio.move_on_after(self.chunk_timeout * 2):
             await self._event(self.reducer_ready, part).wait()
         reducer = self.reducers.get(part)
         if reducer is None:
             raise ValueError(f"we do not reduce part {part} in round {self.round_id[-8:]}")
+        if self.averager.bans.is_banned(sender_id):  # e.g. banned this round for the NaN result of its own part
+            if sender_id in reducer.expected_senders:  # excluded now, rather than awaited until the deadline
+                reducer.exclude(sender_id)
+                self.stats.excluded.add(sender_id)
+                self._poke(part)
+            raise ValueError(f"we do not average with you: {self.averager.bans.why(sender_id)}")
         start, _ = self.parts[part]
         self.started.setdefault(part, {self.me}).add(sender_id)
         self._poke(part)
