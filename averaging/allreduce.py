@@ -25,7 +25,6 @@ fails explicitly and its tensors stay unchanged. Members keep a finished round a
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -152,12 +151,9 @@ class AllReduceRound:
                 reducer.exclude(sender)
                 self.stats.excluded.add(sender)
         mean = reducer.result()
-        blobs = []
         start, _ = self.parts[part]
-        for a, b in self._chunks(part):
-            blob = self._compress(("result", a, b), mean[a - start:b - start].contiguous(), out=self.result[a:b])
-            blobs.append(blob)
-        self.result_bytes[part] = blobs
+        self.result_bytes[part] = [self._compress(("result", a, b), mean[a - start:b - start].contiguous(),
+                                                  out=self.result[a:b]) for a, b in self._chunks(part)]
         self.have.add(part)
         del self.reducers[part]  # free the per-sender buffers now
         self._event(self.result_ready, part).set()
@@ -168,16 +164,14 @@ class AllReduceRound:
         keeps only if the round succeeds (a failed round's data was never applied, so its loss must not be
         sent again; see :meth:`~averaging.averager.Averager._keep_feedback`)."""
         feedback = self.averager.feedback
-        if feedback is None or self.compression.name == "none":
-            blob = self.compression.compress(values)
-            if out is not None:
-                self.compression.decompress(blob, values.numel(), out=out)
-            return blob
-        previous = feedback.get(key)
-        corrected = values.clone() if previous is None else values + previous
+        lossy = feedback is not None and self.compression.name != "none"
+        previous = feedback.get(key) if lossy else None
+        corrected = values + previous if previous is not None else values.clone() if lossy else values
         blob = self.compression.compress(corrected)
-        decoded = self.compression.decompress(blob, values.numel(), out=out)
-        self.residuals[key] = corrected.sub_(decoded)
+        if out is not None or lossy:
+            decoded = self.compression.decompress(blob, values.numel(), out=out)
+            if lossy:
+                self.residuals[key] = corrected.sub_(decoded)
         return blob
 
     # ------------------------------------------------------------------ sender side
@@ -404,9 +398,3 @@ class AllReduceRound:
         sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
         await sender.send_buffer(memoryview(values.numpy()).cast("B"), chunk_bytes=1 << 20)
         await sender.finish()
-
-
-def default_chunk_elems(compression: Compression, target_bytes: int = 1 << 20) -> int:
-    """Elements per chunk so that one compressed chunk is about ``target_bytes``."""
-    per_elem = max(compression.bytes_for(1 << 16) / (1 << 16), 1e-3)
-    return max(1024, int(math.floor(target_bytes / per_elem)))

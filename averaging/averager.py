@@ -27,9 +27,9 @@ from dht import DHT
 from p2p import ServiceLimits
 from p2p.rpc import CallContext
 
-from .allreduce import AllReduceRound, default_chunk_elems
+from .allreduce import AllReduceRound
 from .bans import BanList
-from .compression import choose_compression
+from .compression import choose_compression, default_chunk_elems
 from .matchmaking import Matchmaker, MatchmakingFailed
 from .partition import FlatBuffer
 from .reduce import all_finite, max_abs

@@ -328,3 +328,9 @@ def choose_compression(
     """
     requested = get_compression(requested_name)  # validates the name even for small tensors
     return NoCompression() if tensor_numel < min_numel_to_compress else requested
+
+
+def default_chunk_elems(compression: Compression, target_bytes: int = 1 << 20) -> int:
+    """Elements per chunk so that one compressed chunk is about ``target_bytes``."""
+    per_elem = max(compression.bytes_for(1 << 16) / (1 << 16), 1e-3)
+    return max(1024, int(math.floor(target_bytes / per_elem)))

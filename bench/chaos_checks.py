@@ -63,7 +63,7 @@ def dense_numel(model: str = "tiny") -> int:
 
 def averaging_deadline_s(numel: int) -> float:
     """The budget ``Averager.step`` gives itself for ``numel`` float32 values with the trainer's settings."""
-    from averaging.allreduce import default_chunk_elems
+    from averaging.compression import default_chunk_elems
     from averaging.averager import Averager
     from averaging.compression import choose_compression
     from peer.trainer import TrainConfig
