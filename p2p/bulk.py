@@ -183,12 +183,6 @@ class SecureSocket:
             self._fd_closed = True
             self.sock.close()
 
-    def get_remote_address(self):
-        try:
-            return self.sock.getpeername()[:2]
-        except OSError:
-            return None
-
 
 class BulkPlane:
     """One node's bulk listener, token table and dialer (see the module docstring).
@@ -241,6 +235,9 @@ class BulkPlane:
         sock = stream.socket
         remote = _addr(sock)
         if self._pending >= MAX_PENDING_SOCKETS:
+            if self._rejects.should_log("pending"):
+                logger.info("Closed a bulk socket from %s: %d sockets are already waiting to show a token",
+                            remote, MAX_PENDING_SOCKETS)
             sock.close()
             return
         self._pending += 1
@@ -308,7 +305,10 @@ class BulkPlane:
         return SecureSocket(sock, key, initiator=True, remote=peer_id[-8:])
 
     def _fall_back(self, peer_id: str, error: Exception) -> None:
-        self._unreachable[peer_id] = trio.current_time() + UNREACHABLE_S
+        now = trio.current_time()
+        for peer in [p for p, until in self._unreachable.items() if until <= now]:
+            del self._unreachable[peer]
+        self._unreachable[peer_id] = now + UNREACHABLE_S
         self.fallbacks += 1
         logger.info("No bulk stream to %s (%s: %s); using libp2p streams with it for %.0fs", peer_id[-8:],
                     type(error).__name__, error, UNREACHABLE_S)

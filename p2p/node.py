@@ -319,14 +319,15 @@ class Node:
             raise ValueError("cannot open a stream to ourselves")
         if not self.is_allowed(peer_id):
             raise PeerUnreachable(f"{peer_id[-8:]} is not in this swarm's allowlist")
+        deadline = trio.current_time() + timeout     # one budget for a bulk attempt and its fallback
         if bulk and self.bulk is not None:
-            with trio.move_on_after(timeout) as scope:
+            with trio.move_on_at(deadline) as scope:
                 raw = await self.bulk.open(peer_id, service, version, timeout)
             if raw is not None:
                 return FramedStream(raw, peer_id, max_frame_bytes=max_frame_bytes, timeout=timeout)
             if scope.cancelled_caught:
                 raise P2PTimeout(f"opening a bulk {service} stream to {peer_id[-8:]} took longer than {timeout}s")
-        with trio.move_on_after(timeout) as scope:
+        with trio.move_on_at(deadline) as scope:
             try:
                 raw = await self.host.new_stream(pid, [self.protocol_id(service, version)])
             except Exception as e:
