@@ -5,17 +5,18 @@ members own nothing). Then, on every member at once:
 
 1. **Scatter-reduce.** For every other owner ``j`` open one stream and send our slice of part ``j``
    (compressed, in chunks). Owner ``j`` adds each chunk to a :class:`PartReducer` as it arrives, so
-   network and reduction overlap. A sender that stalls (no chunk for ``chunk_timeout``), sends
-   NaN/Inf, or never shows up is excluded from that part; one that sent NaN/Inf or garbage is also
-   banned (:mod:`averaging.bans`).
+   network and reduction overlap. A sender that stalls (no chunk for ``chunk_timeout``), sends NaN/Inf,
+   or never shows up is excluded from that part; one that sent NaN/Inf or garbage is also banned
+   (:mod:`averaging.bans`). With a declared bandwidth each flow is paced at its share of it
+   (:func:`~averaging.partition.pacing_rates`), so all end together and a capped uplink stays busy.
 2. **All-gather.** When its part is reduced, the owner compresses the mean once and sends the same
    bytes back on every stream; everybody (the owner included) keeps ``decompress(bytes)``, so all
    members hold bit-identical values for the part. While waiting the owner sends keepalives, so a
    dead or frozen owner is detected within ``chunk_timeout``. A result with NaN/Inf is refused (and its
    owner banned): that part is then missing, and repaired without it.
 3. **Repair** (only when some part is missing). Ask every other member which parts it holds. A part
-   some member holds is fetched from it (raw float32, exact, checked finite). A part nobody holds — its owner died
-   before sending it to anyone — is reduced again by the first responsive non-client member, from
+   some member holds is fetched from it (raw float32, exact, checked finite). A part nobody holds (its
+   owner died before sending it to anyone) is reduced again by the first responsive non-client member, from
    the contributions of all responsive members.
 
 A member commits (writes results into its tensors) only if it holds every part; otherwise the round
@@ -35,7 +36,7 @@ from p2p import P2PError, open_call, read_reply
 from p2p.streams import PayloadSender, receive_payload
 
 from .compression import Compression
-from .partition import split_by_bandwidth
+from .partition import pacing_rates, split_by_bandwidth
 from .reduce import BadContribution, PartReducer, ReduceError, all_finite, max_abs
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class AllReduceRound:
         self.index = [m.peer_id for m in members].index(self.me)
         self.peer_ids = [m.peer_id for m in members]
         self.parts = split_by_bandwidth(averager.buffer.numel, [0.0 if m.client else m.bandwidth for m in members])
+        self.upload_pace, self.result_pace = pacing_rates(self.parts, self.index, averager.pacing)
         self.local = averager.buffer.buffer      # our contribution (loaded from the tensors)
         self.result = averager.result            # where reduced parts land
         self.have: set[int] = {j for j, (a, b) in enumerate(self.parts) if a == b}
@@ -184,6 +186,7 @@ class AllReduceRound:
                                  timeout=2 * self.chunk_timeout, max_message_bytes=self.averager.max_frame,
                                  bulk=True) as stream:
                 stream.timeout = self.chunk_timeout
+                stream.pace(None if repair else self.upload_pace[part])
                 sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
                 for a, b in self._chunks(part):
                     await sender.send(self._compress(("sent", a, b), self.local[a:b]))
@@ -283,6 +286,7 @@ class AllReduceRound:
             if not ready.is_set():
                 await stream.send_msg(KEEPALIVE)
         await stream.send_msg(RESULT)
+        stream.pace(None if repair else self.result_pace)
         sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
         for blob in self.result_bytes[part]:
             await sender.send(blob)

@@ -3,7 +3,8 @@
 1. **Announce.** Each peer writes ``{bandwidth, client, signature, t}`` under the group key with its
    own peer ID as sub-key (owner-signed, so nobody can announce for someone else), expiring shortly.
 2. **Gather candidates.** Poll the key (latest values) until ``target_group_size`` peers are there or
-   ``matchmaking_time`` has passed.
+   ``matchmaking_time`` has passed: first after a few lookup latencies, then backing off to
+   :data:`MAX_POLL_S`, so peers that arrive together meet at once and a long wait costs few lookups.
 3. **Split deterministically.** Shuffle the candidates by a hash of their peer ID seeded with the
    earliest announce time among them, and cut them into groups of at most ``target_group_size``;
    every peer computes the same split from the same view, and partners change from round to round
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
+MAX_POLL_S = 0.5        # longest pause between two lookups of the group key while gathering
 
 
 class MatchmakingFailed(RuntimeError):
@@ -110,12 +112,16 @@ class Matchmaker:
         av = self.av
         deadline = trio.current_time() + av.matchmaking_time
         candidates: list[tuple[float, str, Member]] = []
+        pause = 0.0
         while True:
+            asked = trio.current_time()
             found = await av.dht.aget(group_key, latest=True)
             candidates = self._parse(found, announced_at)
             if len(candidates) >= self.group_size or trio.current_time() >= deadline:
                 return candidates
-            await trio.sleep(min(max(10 * self.rtt, 0.05), 0.5, max(deadline - trio.current_time(), 0)))
+            # peers that come together find each other within a few lookups; a long wait backs off
+            pause = min(max(1.5 * pause, 4 * (trio.current_time() - asked), 0.02), MAX_POLL_S)
+            await trio.sleep(min(pause, max(deadline - trio.current_time(), 0)))
 
     def _parse(self, found: Any, announced_at: float) -> list[tuple[float, str, Member]]:
         """Fresh announcements of peers with our tensor signature (others are noted in ``self.mismatched``)."""

@@ -4,6 +4,7 @@
   into one contiguous float32 CPU buffer that the all-reduce reads and writes, and copies results back.
 * :func:`split_by_bandwidth` assigns each group member a contiguous part of the buffer, proportional to its
   bandwidth, identically on every peer.
+* :func:`pacing_rates` splits a member's declared bandwidth over the flows it sends in a round.
 * :func:`iter_chunks` cuts a part into fixed-size chunks so that sending, reducing and receiving pipeline.
 """
 
@@ -176,6 +177,21 @@ def split_by_bandwidth(total: int, bandwidths: Sequence[float], min_part: int = 
         start += size
     assert start == total
     return parts
+
+
+def pacing_rates(parts: Sequence[tuple[int, int]], me: int, rate: float | None) -> tuple[list, float | None]:
+    """How fast member ``me`` sends each flow of a round, given its bandwidth ``rate`` (bytes/s; None: unpaced).
+
+    Returns ``(upload rate per part, rate of each copy of our own part's result)``. Uploads split ``rate`` in
+    proportion to their sizes, and the results of our part split it evenly over the other members, so each
+    phase's flows finish together; none is paced if ``rate`` is None, and our own part is not a flow (0).
+    """
+    others = len(parts) - 1
+    uploads = sum(b - a for j, (a, b) in enumerate(parts) if j != me)
+    if rate is None:
+        return [None] * len(parts), None
+    return ([0.0 if j == me else rate * (b - a) / max(1, uploads) for j, (a, b) in enumerate(parts)],
+            rate / max(1, others))
 
 
 def iter_chunks(start: int, end: int, chunk_elems: int) -> Iterator[tuple[int, int]]:

@@ -27,7 +27,7 @@ Measures (per implementation):
 ``--netns`` runs every peer in its own network namespace (:mod:`bench.netns`) with its upload and
 download capped at ``--bandwidth-mbit``; ``bound_s = 2 (N-1)/N * wire bytes / B`` is what a perfect
 butterfly/ring all-reduce needs on such links (wire bytes: the compressed tensor). Our peers declare
-that bandwidth (MB/s) to their averager.
+that bandwidth (MB/s) to their averager, which paces its transfers to it.
 
 The last line printed is one JSON object (see ``--json``); progress goes to stderr.
 """
@@ -158,8 +158,9 @@ def run_impl(impl: str, args, tmp: Path, topo=None) -> dict:
                     "--rounds", str(args.rounds), "--group", str(args.peers), "--compression", args.compression,
                     "--start-at", "-1", "--out", str(outs[i]), "--pause", str(args.pause)]
             if impl == "ours":
-                argv += ["--matchmaking-time", str(args.matchmaking_time), "--log-level", args.log_level,
-                         "--bandwidth", str(args.bandwidth_mbit / 8 if args.bandwidth_mbit else args.declared_mb_s)]
+                argv += ["--matchmaking-time", str(args.matchmaking_time), "--log-level", args.log_level]
+                declared = args.bandwidth_mbit / 8 if args.bandwidth_mbit else args.declared_mb_s
+                argv += ["--bandwidth", str(declared)] if declared else []
                 argv += ["--no-bulk"] if args.no_bulk else []
             if initial:
                 argv += ["--initial-peers", *initial]
@@ -268,7 +269,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="the first one is a warm-up")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between rounds")
     p.add_argument("--matchmaking-time", type=float, default=2.0, help="ours (hivemind keeps its default 5 s)")
-    p.add_argument("--declared-mb-s", type=float, default=100.0, help="bandwidth our peers declare without --netns")
+    p.add_argument("--declared-mb-s", type=float, default=None,
+                   help="bandwidth (MB/s) our peers declare without --netns (default: none, so nothing is paced)")
     p.add_argument("--vs-hivemind", action="store_true", help="also run hivemind 1.1.12 (in .venv-hivemind)")
     p.add_argument("--only-hivemind", action="store_true")
     p.add_argument("--netns", action="store_true", help="one network namespace per peer (needs root)")

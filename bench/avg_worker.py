@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--min-group", type=int, default=2)
     p.add_argument("--compression", default="none")
-    p.add_argument("--bandwidth", type=float, default=100.0, help="declared MB/s")
+    p.add_argument("--bandwidth", type=float, default=None, help="declared MB/s (default: none declared)")
     p.add_argument("--matchmaking-time", type=float, default=2.0)
     p.add_argument("--chunk-timeout", type=float, default=None)
     p.add_argument("--start-at", type=float, default=0.0, help="unix time to start; -1: wait for a line on stdin")

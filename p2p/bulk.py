@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import socket
 import struct
+import sys
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -55,6 +57,10 @@ MAX_TOKENS_PER_PEER = 64        # outstanding tokens per peer (bounds what a cal
 MAX_TOKENS = 4096               # outstanding tokens in all
 MAX_PENDING_SOCKETS = 64        # accepted sockets that have not presented a token yet
 UNREACHABLE_S = 60.0            # after a failed bulk open, use libp2p streams with that peer this long
+# Linux only; Python names it from 3.12 on, and 47 is its number on the common architectures
+SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", None) or (
+    47 if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64", "riscv64", "ppc64le") else None)
+_UNPACED = 0xFFFFFFFF           # SO_MAX_PACING_RATE's "no cap"
 _LEN = struct.Struct(">I")
 
 
@@ -167,6 +173,23 @@ class SecureSocket:
         finally:
             self._closed = True
             self._close_fd()
+
+    def pace(self, bytes_per_s: float | None) -> bool:
+        """Cap what this socket sends at ``bytes_per_s`` (None lifts the cap); False where the OS cannot.
+
+        The kernel spaces the socket's packets evenly (Linux TCP pacing, ``SO_MAX_PACING_RATE``), so
+        flows that share a capped uplink each get the rate they were given instead of fighting over
+        the bottleneck's queue.
+        """
+        if SO_MAX_PACING_RATE is None:
+            return False
+        rate = _UNPACED if bytes_per_s is None else max(1, min(int(bytes_per_s), _UNPACED - 1))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("=I", rate))
+            return True
+        except OSError as e:
+            logger.debug("cannot pace a bulk socket: %s", e)
+            return False
 
     async def reset(self) -> None:
         """Drop the connection at once (an RST): the other side's next read fails."""

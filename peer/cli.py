@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "fp16 (half the bytes), int8 (a quarter, blockwise 8-bit) or int4 (an eighth, "
                             "blockwise 4-bit); with --sync diloco, what compression loses in one round is "
                             "sent in the next (error feedback) (default: none)")
+    train.add_argument("--bandwidth", type=float, default=None, metavar="MB_S",
+                       help="this machine's upload bandwidth in MB/s (100 Mbit = 12.5): the part of each averaging "
+                            "round this peer reduces is sized by it, and its transfers are paced to it, which keeps "
+                            "a capped link busy (default: not declared, no pacing)")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per local step")
     train.add_argument("--max-samples", type=int, default=None, help="stop after this many local samples")
     train.add_argument("--shard", default="0/1", metavar="I/N",
@@ -125,6 +129,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--swarm {args.swarm!r}: use a non-empty name without '/'")
     if args.experts < 0:
         raise ValueError("--experts must be >= 0")
+    if args.bandwidth is not None and not 0 < args.bandwidth < float("inf"):
+        raise ValueError(f"--bandwidth {args.bandwidth}: use a positive number of MB/s")
     try:
         shard, num_shards = (int(x) for x in args.shard.split("/"))
         assert 0 <= shard < num_shards
@@ -198,7 +204,7 @@ def run_roles(dht, args: argparse.Namespace) -> int:
             from .trainer import TrainConfig, Trainer
             trainer = Trainer(dht, TrainConfig(model=args.model, batch_size=args.batch_size, sync=args.sync,
                                                local_steps=args.local_steps, max_samples=args.max_samples,
-                                               compression=args.compression,
+                                               compression=args.compression, bandwidth=args.bandwidth,
                                                data=args.data, shard=args.shard, num_shards=args.num_shards,
                                                checkpoint_dir=args.checkpoint_dir), model_config=model_config)
             from .status import StatusLine

@@ -52,6 +52,7 @@ class TrainConfig:
     :param sync: "diloco" (``local_steps`` inner steps per averaging round) or "grad" (average every step).
     :param max_samples: stop after this many local samples (None: until interrupted).
     :param total_samples: horizon of the cosine learning-rate schedule, in swarm-wide samples.
+    :param bandwidth: upload MB/s declared to the averager (parts and pacing, see :class:`~averaging.Averager`).
     """
 
     model: str = "tiny"
@@ -67,6 +68,7 @@ class TrainConfig:
     group_size: int = 4
     matchmaking_time: float = 2.0
     compression: str = "none"
+    bandwidth: float | None = None
     data: str | None = None
     shard: int = 0
     num_shards: int = 1
@@ -114,6 +116,7 @@ class Trainer:
             sync_tensors = [p.grad for p in self.dense]
         self.averager = Averager(sync_tensors, dht, self.prefix, target_group_size=config.group_size,
                                  compression=config.compression, matchmaking_time=config.matchmaking_time,
+                                 bandwidth=config.bandwidth,
                                  error_feedback=config.sync == "diloco")
         self.step = self.samples = self.samples_since_sync = 0
         self.rounds_ok = self.rounds_failed = 0

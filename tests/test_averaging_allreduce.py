@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+import p2p.bulk
 from dht import DHT
 from tests.avg_group import go, start_peers, stop
 
@@ -42,6 +43,17 @@ def test_exact_weighted_mean(bootstrap, tmp_path, n, size):
     for t in tensors:
         assert torch.allclose(t, torch.full_like(t, expected), atol=1e-5)
         assert torch.equal(t, tensors[0])  # bit-identical on every member
+
+
+@pytest.mark.skipif(p2p.bulk.SO_MAX_PACING_RATE is None, reason="kernel pacing is Linux-only")
+def test_a_declared_bandwidth_paces_the_round(bootstrap, tmp_path):
+    # 2 peers x 4 MB: each uploads 2 MB and returns 2 MB, paced at 0.97 * 2 MB/s: >= 2 s (unpaced: ~0.1 s)
+    specs = [dict(size=1_000_000, value=v, group=2, matchmaking_time=3, bandwidth=2.0) for v in (1.0, 3.0)]
+    results, tensors = run_group(bootstrap, tmp_path, specs)
+    for res in results:
+        assert res[0]["ok"] and res[0]["allreduce_s"] >= 1.6, res
+    for t in tensors:
+        assert torch.equal(t, torch.full_like(t, 2.0))
 
 
 @pytest.mark.slow

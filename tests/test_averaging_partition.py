@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from averaging.partition import FlatBuffer, iter_chunks, split_by_bandwidth
+from averaging.partition import FlatBuffer, iter_chunks, pacing_rates, split_by_bandwidth
 
 
 def _mixed_tensors():
@@ -173,3 +173,13 @@ def test_iter_chunks_cover_exactly(start, length, chunk):
         assert chunk_start == position and 0 < chunk_end - chunk_start <= chunk
         position = chunk_end
     assert position == start + length
+
+
+def test_pacing_rates_split_the_bandwidth_so_each_phase_ends_together():
+    parts = [(0, 30), (30, 40), (40, 100), (100, 100)]       # the last member is a client: no part
+    uploads, result = pacing_rates(parts, 0, 9.0)
+    assert uploads == [0.0, 9.0 * 10 / 70, 9.0 * 60 / 70, 0.0]
+    assert sum(uploads) == pytest.approx(9.0)
+    assert all((b - a) / r == pytest.approx(70 / 9.0) for (a, b), r in zip(parts[1:3], uploads[1:3]))
+    assert result == 3.0                                     # our part goes to the 3 others
+    assert pacing_rates(parts, 1, None) == ([None] * 4, None)

@@ -8,6 +8,8 @@ import struct
 import pytest
 import trio
 
+import p2p.bulk
+
 from p2p import Node, PeerUnreachable, ProtocolViolation, RemoteError, ServiceLimits, StreamAborted, open_call, read_reply
 from p2p.bulk import MAX_RECORD, TOKEN_BYTES, SecureSocket
 from p2p.framing import FramedStream
@@ -194,3 +196,27 @@ def test_a_reset_reaches_the_other_side_at_once():
             with pytest.raises(StreamAborted):
                 await framed.read_frame()
     trio.run(main)
+
+
+@pytest.mark.skipif(p2p.bulk.SO_MAX_PACING_RATE is None, reason="kernel pacing is Linux-only")
+def test_a_paced_bulk_stream_sends_no_faster_than_its_rate(pair):
+    caller, server, _ = pair
+    payload = os.urandom(1_500_000)
+
+    async def upload(rate: float | None, bulk: bool = True) -> tuple[float, bool]:
+        async with open_call(caller, server.peer_id, "echo", "echo", None, timeout=30,
+                             max_message_bytes=LIMITS.max_message_bytes, bulk=bulk) as stream:
+            paced = stream.pace(rate)
+            started = trio.current_time()
+            await send_bytes(stream, payload)          # returns once the server consumed it all
+            took = trio.current_time() - started
+            assert bytes(await recv_bytes(stream, max_bytes=1 << 30)) == payload
+            await read_reply(stream, "echo")
+        return took, paced
+
+    fast, paced = caller.run(upload, None)
+    assert paced
+    slow, paced = caller.run(upload, 2e6)              # 1.5 MB at 2 MB/s: 0.75 s
+    assert paced and slow >= 0.5 and slow > 2 * fast, (slow, fast)
+    _, paced = caller.run(upload, 2e6, False)          # a libp2p stream shares its connection: not paced
+    assert not paced

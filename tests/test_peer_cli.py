@@ -72,6 +72,7 @@ def test_start_join_store_get_and_ctrl_c():
     (["--initial-peers", "/ip4/127.0.0.1/tcp/4001"], "/p2p/<peer-id>"),
     (["--swarm", "a/b"], "--swarm"),
     (["--train", "--compression", "int3"], "--compression"),
+    (["--train", "--bandwidth", "0"], "--bandwidth"),
 ])
 def test_bad_flags_give_one_line_error(args, needle):
     proc = subprocess.run([sys.executable, "-m", "peer", *args, *LOOPBACK], capture_output=True, text=True,
