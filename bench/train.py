@@ -1,17 +1,24 @@
 """Swarm training against one process on the same number of samples, and bytes per sample of each sync.
 
-``python bench/train.py [--trainers 4] [--samples 800] [--local-steps 13] [--compression int4] --json``
+``python bench/train.py [--trainers 4] [--samples 800] [--batch-size 8] [--local-steps 13] [--compression int4] --json``
 
-Three runs, each a fresh local swarm of real ``python -m peer`` processes on loopback (a bootstrap and
+Four runs, each a fresh local swarm of real ``python -m peer`` processes on loopback (a bootstrap and
 two expert hosts serving the whole expert grid, so experts train from scratch every run):
 
-1. ``diloco``: ``--trainers`` trainers, ``--samples`` samples each, DiLoCo every ``--local-steps`` steps;
-2. ``single``: one trainer on ``trainers * samples`` samples (the same total), no one to average with;
-3. ``grad``: ``--trainers`` trainers averaging gradients every step, on ``--grad-samples`` samples each
+1. ``diloco``: ``--trainers`` trainers, ``--samples`` samples each in batches of ``--batch-size``,
+   DiLoCo every ``--local-steps`` steps;
+2. ``single``: one trainer on ``trainers * samples`` samples (the same total) in batches of
+   ``trainers * batch_size``: the swarm's global batch, so it makes as many updates, of the same size, as
+   the swarm. This is the yardstick of ``loss_ratio``: exact gradient averaging of the swarm every step
+   is this very run, so it measures what the swarm's sync costs, not what a bigger batch costs;
+3. ``single_small_batch``: the same samples in batches of ``--batch-size``, so ``trainers`` times more
+   sequential updates than any swarm member makes (``loss_ratio_vs_small_batch``, reported, not a target);
+4. ``grad``: ``--trainers`` trainers averaging gradients every step, on ``--grad-samples`` samples each
    (per-step averaging is slow here, and bytes per sample do not depend on how long it runs).
 
 The last line is one JSON object: ``{"eval_loss_swarm", "eval_loss_single", "loss_ratio",
-"eval_loss_grad", "bytes_per_sample": {"grad", "diloco"}, "diloco_vs_grad_bytes", "seconds": {...}}``.
+"eval_loss_single_small_batch", "loss_ratio_vs_small_batch", "eval_loss_grad", "bytes_per_sample":
+{"grad", "diloco"}, "diloco_vs_grad_bytes", "targets_met", "seconds": {...}}``.
 Eval losses are each trainer's final held-out loss (mean over the swarm's trainers); bytes are what the
 trainers' averaging rounds sent plus received, divided by the samples they trained on.
 """
@@ -47,7 +54,7 @@ def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> No
 
 
 def run_swarm(tmp: Path, name: str, trainers: int, samples: int, sync: str, local_steps: int,
-              timeout: float, compression: str = "none") -> dict:
+              timeout: float, compression: str = "none", batch_size: int = 8) -> dict:
     """One fresh swarm; returns the trainers' final results and the wall time."""
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
@@ -68,7 +75,7 @@ def run_swarm(tmp: Path, name: str, trainers: int, samples: int, sync: str, loca
         logs = [tmp / f"{name}-trainer{i}.log" for i in range(trainers)]
         workers = [peer(logs[i], *join, "--train", "--sync", sync, "--local-steps", str(local_steps),
                         "--max-samples", str(samples), "--shard", f"{i}/{trainers}",
-                        "--compression", compression) for i in range(trainers)]
+                        "--compression", compression, "--batch-size", str(batch_size)) for i in range(trainers)]
         procs += workers
         results = []
         for w, log in zip(workers, logs):
@@ -103,6 +110,7 @@ def main() -> int:
     p.add_argument("--trainers", type=int, default=4)
     p.add_argument("--samples", type=int, default=800, help="samples per swarm trainer (default: %(default)s)")
     p.add_argument("--grad-samples", type=int, default=160, help="samples per trainer of the grad run")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step of each swarm trainer")
     p.add_argument("--local-steps", type=int, default=13, help="DiLoCo inner steps (default: %(default)s)")
     p.add_argument("--compression", default="int4", choices=["none", "fp16", "int8", "int4"],
                    help="how the DiLoCo run's averaging encodes pseudo-gradients (the grad run stays exact)")
@@ -112,24 +120,32 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
         diloco = run_swarm(tmp, "bench-diloco", args.trainers, args.samples, "diloco", args.local_steps, args.timeout,
-                           args.compression)
-        single = run_swarm(tmp, "bench-single", 1, args.trainers * args.samples, "diloco", args.local_steps,
-                           args.timeout)
-        grad = run_swarm(tmp, "bench-grad", args.trainers, args.grad_samples, "grad", 1, args.timeout)
+                           args.compression, args.batch_size)
+        total = args.trainers * args.samples
+        single = run_swarm(tmp, "bench-single", 1, total, "diloco", args.local_steps, args.timeout,
+                           batch_size=args.trainers * args.batch_size)
+        small = run_swarm(tmp, "bench-small", 1, total, "diloco", args.local_steps, args.timeout,
+                          batch_size=args.batch_size)
+        grad = run_swarm(tmp, "bench-grad", args.trainers, args.grad_samples, "grad", 1, args.timeout,
+                         batch_size=args.batch_size)
     loss_swarm, bytes_diloco = summary(diloco)
     loss_single, _ = summary(single)
+    loss_small, _ = summary(small)
     loss_grad, bytes_grad = summary(grad)
-    out = {"trainers": args.trainers, "samples_per_trainer": args.samples, "local_steps": args.local_steps,
+    out = {"trainers": args.trainers, "samples_per_trainer": args.samples, "batch_size": args.batch_size,
+           "local_steps": args.local_steps,
            "compression": args.compression,
            "eval_loss_swarm": round(loss_swarm, 4), "eval_loss_single": round(loss_single, 4),
-           "loss_ratio": round(loss_swarm / loss_single, 4), "eval_loss_grad": round(loss_grad, 4),
+           "loss_ratio": round(loss_swarm / loss_single, 4), "eval_loss_single_small_batch": round(loss_small, 4),
+           "loss_ratio_vs_small_batch": round(loss_swarm / loss_small, 4), "eval_loss_grad": round(loss_grad, 4),
            "bytes_per_sample": {"grad": round(bytes_grad), "diloco": round(bytes_diloco)},
            "diloco_vs_grad_bytes": round(bytes_grad / max(bytes_diloco, 1e-9), 1),
            "targets_met": {"loss_ratio<=1.05": loss_swarm / loss_single <= 1.05,
                            "diloco_bytes>=100x_fewer": bytes_grad >= 100 * bytes_diloco},
            "rounds": {"diloco": [t["rounds_ok"] for t in diloco["trainers"]],
                       "grad": [t["rounds_ok"] for t in grad["trainers"]]},
-           "seconds": {"diloco": diloco["seconds"], "single": single["seconds"], "grad": grad["seconds"]}}
+           "seconds": {"diloco": diloco["seconds"], "single": single["seconds"], "single_small_batch": small["seconds"],
+                       "grad": grad["seconds"]}}
     print(json.dumps(out), flush=True)
     return 0
 

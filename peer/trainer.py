@@ -43,6 +43,8 @@ from .remote import NotEnoughExpertsError, RemoteMixtureOfExperts
 
 logger = logging.getLogger(__name__)
 
+PROGRESS_STEPS = 10  # with --sync grad, publish progress (and read the swarm's) every this many steps
+
 
 @dataclass
 class TrainConfig:
@@ -123,7 +125,9 @@ class Trainer:
         self.skipped_steps = 0  # batches skipped because too few experts answered
         self.averaging_bytes = 0  # sent + received by our averaging rounds
         self.sync_rounds = 0  # swarm-wide averaging rounds folded into our dense state (the state's "step")
-        self.global_samples = 0
+        self.global_samples = 0      # swarm-wide samples at our last look at the DHT
+        self.trainers_seen = 1       # trainers whose progress we saw then (the rate we extrapolate with)
+        self.samples_seen_at = 0     # our own sample count at that look
         self.loss_ema: float | None = None
         self.history: list[dict] = []
         self._restore()
@@ -149,7 +153,7 @@ class Trainer:
         """One local step (plus averaging when it is due); returns the training loss."""
         x, y = next(self.batches)
         for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(max(self.global_samples, self.samples))
+            group["lr"] = self.lr_at(self.swarm_samples())
         self.model.train()
         self.opt.zero_grad(set_to_none=self.config.sync == "diloco")
         _, loss = self.model(x, y)
@@ -224,6 +228,7 @@ class Trainer:
                     p.copy_(a)
         self.sync_rounds = int(metadata["step"])
         self.global_samples = max(self.global_samples, int(metadata.get("samples", 0)))
+        self.samples_seen_at = self.samples
         self._snapshot = self._take_snapshot()
         logger.info("Caught up with the swarm: its state after %d averaging rounds (%d samples)",
                     self.sync_rounds, self.global_samples)
@@ -284,6 +289,12 @@ class Trainer:
                 time.sleep(1.0)
         return None
 
+    def swarm_samples(self) -> int:
+        """Swarm-wide samples now: the count last read from the DHT, plus our samples since then times the
+        trainers seen then (they train at about our pace), so the LR schedule does not lag between reads."""
+        since = self.samples - self.samples_seen_at
+        return max(self.global_samples + self.trainers_seen * max(0, since), self.samples)
+
     def publish_progress(self) -> None:
         """Write our progress to the DHT and read everyone's to know the swarm-wide sample count."""
         key = f"{self.prefix}.progress"
@@ -291,8 +302,10 @@ class Trainer:
         self.dht.store(key, mine, get_dht_time() + 60, subkey=self.dht.peer_id)
         found = self.dht.get(key, latest=True)
         if found is not None and isinstance(found.value, dict):
-            total = sum(int(v.value.get("samples", 0)) for v in found.value.values() if isinstance(v.value, dict))
+            entries = [v.value for v in found.value.values() if isinstance(v.value, dict)]
+            total = sum(int(e.get("samples", 0)) for e in entries)
             self.global_samples = max(self.global_samples, total)
+            self.trainers_seen, self.samples_seen_at = max(1, len(entries)), self.samples
 
     def state(self) -> dict:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
@@ -318,7 +331,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.samples = state["step"], state["samples"]
-        self.global_samples = state.get("global_samples", 0)
+        self.global_samples, self.samples_seen_at = state.get("global_samples", 0), self.samples
         self.sync_rounds = state.get("sync_rounds", 0)
         if self.config.sync == "diloco" and "anchor" in state:
             with torch.no_grad():
@@ -346,9 +359,12 @@ class Trainer:
                     logger.warning("Skipped a step (%d so far): %s", self.skipped_steps, str(e)[:300])
                     time.sleep(1.0)
                     continue
+                # a DiLoCo round publishes progress itself; besides, publish on the first step (so the swarm's
+                # size is known early) and, averaging every step, every PROGRESS_STEPS steps
+                if self.step == 1 or (c.sync == "grad" and self.step % PROGRESS_STEPS == 0) or (
+                        self.step % c.eval_every == 0 and c.sync == "diloco" and self.step % c.local_steps):
+                    self.publish_progress()
                 if self.step % c.eval_every == 0:
-                    if c.sync == "grad" or self.step % c.local_steps:  # a DiLoCo round just published it
-                        self.publish_progress()
                     eval_loss = self._evaluate_when_possible()
                     if eval_loss is not None:
                         self.history.append({"step": self.step, "samples": self.samples, "train_loss": loss,

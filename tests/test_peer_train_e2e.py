@@ -123,3 +123,17 @@ def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
     finally:
         for p in reversed(peers):
             p.stop()
+
+
+def test_the_lr_schedule_follows_the_swarms_samples_between_dht_reads():
+    from types import SimpleNamespace
+
+    from peer.trainer import TrainConfig, Trainer
+    seen = SimpleNamespace(samples=100, samples_seen_at=100, global_samples=400, trainers_seen=4)
+    assert Trainer.swarm_samples(seen) == 400
+    seen.samples = 110                                   # 10 more of ours: the 4 trainers made about 40
+    assert Trainer.swarm_samples(seen) == 440
+    alone = SimpleNamespace(samples=110, samples_seen_at=0, global_samples=0, trainers_seen=1)
+    assert Trainer.swarm_samples(alone) == 110
+    warm = SimpleNamespace(config=TrainConfig(lr=1e-3, warmup_samples=1000))
+    assert Trainer.lr_at(warm, 440) == pytest.approx(0.44e-3)   # so a 4-trainer swarm warms up 4x sooner
