@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python docker/netns_swarm.py", description=__doc__.splitlines()[0])
     p.add_argument("--compose", default=str(COMPOSE_FILE), help="compose file (default: docker/docker-compose.yml)")
     p.add_argument("--bandwidth-mbit", type=float, default=100.0,
-                   help="upload and download cap of every peer in Mbit/s; 0 = uncapped (default: %(default)s)")
+                   help="upload and download cap of every peer in Mbit/s, which trainers declare as their "
+                        "--bandwidth; 0 = uncapped (default: %(default)s)")
     p.add_argument("--samples", type=int, default=400,
                    help="samples each trainer trains on (its --max-samples; default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default: %(default)s)")
@@ -260,6 +261,8 @@ def run_swarm(args: argparse.Namespace) -> dict:
             argv = localize(s.argv, s.mounts, volumes)
             if s.role == "trainer":
                 argv = _set_flag(argv, "--max-samples", str(args.samples))
+                if cap:  # the link's rate is known here: declare it, so averaging paces its flows to it
+                    argv = _set_flag(argv, "--bandwidth", str(cap / 8))
             proc = topo.run(i, argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, errors="replace")
             peers[s.name] = Peer(s, i, proc, work / "logs")
