@@ -110,7 +110,7 @@ class AllReduceRound:
                 if feedback.get(("sent", a, b)) is not None:
                     own[a - start:b - start] += feedback[("sent", a, b)]
                     self.residuals[("sent", a, b)] = None
-        reducer.add(self.me, 0, own, self.weight)
+        reducer.add(self.me, 0, own, self.weight, copy=False)  # the round's snapshot: it does not change
         reducer.sender_finished(self.me)
         self.reducers[part] = reducer
         self._event(self.reducer_ready, part).set()

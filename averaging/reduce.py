@@ -194,10 +194,12 @@ class PartReducer:
         if sender not in self._covered:
             raise UnknownSender(f"sender {sender!r} is not among the expected senders {self._order!r}")
 
-    def add(self, sender: Hashable, offset: int, values: torch.Tensor, weight: float) -> None:
+    def add(self, sender: Hashable, offset: int, values: torch.Tensor, weight: float, *, copy: bool = True) -> None:
         """Record ``values`` as ``sender``'s data for ``part[offset : offset + len(values)]`` with ``weight``.
 
         ``values`` is a 1-D floating tensor (copied, cast to the reducer dtype; it is not modified or retained).
+        ``copy=False``: a contiguous tensor of the reducer dtype covering the whole part is kept as that
+        sender's buffer instead of copied (e.g. our own slice, which then must not change before ``result()``).
         Raises :class:`UnknownSender`, :class:`SenderExcluded`, or :class:`BadContribution` (non-finite values,
         out-of-range offset/length, overlap with earlier chunks, a weight that is not finite and > 0 or differs
         from the sender's earlier weight, data after :meth:`sender_finished`).
@@ -232,7 +234,9 @@ class PartReducer:
             raise BadContribution(sender, f"range [{offset}, {offset + length}) overlaps data it already sent")
 
         self._weights[sender] = weight
-        if length:
+        if length and not copy and length == self.part_numel and values.is_contiguous():
+            self._buffers[sender] = values
+        elif length:
             buffer = self._buffers.get(sender)
             if buffer is None:
                 buffer = self._buffers[sender] = torch.empty(self.part_numel, dtype=self.dtype)

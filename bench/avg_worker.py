@@ -90,7 +90,9 @@ def main() -> None:
     if args.start_at < 0:
         sys.stdin.readline()
     time.sleep(max(0.0, args.start_at - time.time()))
-    original, results_sum, results_n = tensor.clone(), torch.zeros_like(tensor), 0
+    results_n = 0
+    if args.same_contribution:  # only then: two more copies of a big tensor would weigh on the PSS we measure
+        original, results_sum = tensor.clone(), torch.zeros_like(tensor)
     for r in range(args.rounds):
         t0 = time.time()
         if args.same_contribution:

@@ -176,7 +176,7 @@ def test_out_of_range_sender_is_excluded_and_banned(bootstrap, tmp_path):
     honest = torch.stack([torch.randn(size, generator=torch.Generator().manual_seed(i)) for i in range(3)]).mean(0)
     for res, t in zip(results[:3], tensors[:3]):
         assert res[0]["ok"] and byzantine in res[0]["excluded"] and byzantine in res[0]["banned"], res
-        assert torch.allclose(t, honest, atol=1e-5)
+        assert torch.allclose(t, honest, atol=1e-5), (results, (t - honest).abs().max())
         assert torch.equal(t, tensors[0])
 
 

@@ -277,3 +277,22 @@ def test_centered_clip_validation(kwargs, match):
     arguments = dict(vectors=torch.ones(3, 2), weights=torch.ones(3), tau=1.0) | kwargs
     with pytest.raises(ValueError, match=match):
         centered_clip(**arguments)
+
+
+def test_a_whole_part_added_without_copy_is_kept_by_reference_and_averages_the_same():
+    own, other = torch.randn(1000), torch.randn(1000)
+    by_ref = PartReducer(1000, ["a", "b"])
+    by_ref.add("a", 0, own, 1.0, copy=False)
+    by_ref.add("b", 0, other, 3.0)
+    copied = PartReducer(1000, ["a", "b"])
+    copied.add("a", 0, own, 1.0)
+    copied.add("b", 0, other, 3.0)
+    assert by_ref.memory_bytes() == copied.memory_bytes()
+    assert by_ref._buffers["a"].data_ptr() == own.data_ptr()            # no copy of our own slice
+    assert copied._buffers["a"].data_ptr() != own.data_ptr()
+    assert torch.equal(by_ref.result(), copied.result())
+    partial = PartReducer(1000, ["a"])
+    partial.add("a", 0, own[:500], 1.0, copy=False)                      # not the whole part: copied as usual
+    assert partial._buffers["a"].data_ptr() != own.data_ptr()
+    with pytest.raises(BadContribution):                                 # and still checked like any chunk
+        PartReducer(3, ["a"]).add("a", 0, torch.tensor([1.0, float("nan"), 2.0]), 1.0, copy=False)
