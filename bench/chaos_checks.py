@@ -63,14 +63,13 @@ def dense_numel(model: str = "tiny") -> int:
 
 def averaging_deadline_s(numel: int) -> float:
     """The budget ``Averager.step`` gives itself for ``numel`` float32 values with the trainer's settings."""
-    from averaging.compression import default_chunk_elems
-    from averaging.averager import Averager
-    from averaging.compression import choose_compression
+    from averaging.averager import NOMINAL_BANDWIDTH, Averager
+    from averaging.compression import choose_compression, default_chunk_elems
     from peer.trainer import TrainConfig
 
     config = TrainConfig()
     compression = choose_compression(numel, config.compression)
-    bandwidth = 100.0 * 1e6                     # Averager's default declared bandwidth (trainers keep it)
+    bandwidth = NOMINAL_BANDWIDTH * 1e6         # what Averager assumes when none is declared (as here)
     chunk_s = compression.bytes_for(default_chunk_elems(compression)) / bandwidth
     fake = SimpleNamespace(compression=compression, buffer=SimpleNamespace(numel=numel), bandwidth=bandwidth,
                            matchmaking_time=config.matchmaking_time, chunk_timeout=max(2.0, 20 * chunk_s))
