@@ -75,7 +75,7 @@ class AllReduceRound:
         self.index = [m.peer_id for m in members].index(self.me)
         self.peer_ids = [m.peer_id for m in members]
         self.parts = split_by_bandwidth(averager.buffer.numel, [0.0 if m.client else m.bandwidth for m in members])
-        self.upload_pace, self.result_pace = pacing_rates(self.parts, self.index, averager.pacing)
+        self.upload_pace, self.result_pace = pacing_rates(self.parts, self.index, averager.pacing)  # bytes/s
         self.local = averager.buffer.buffer      # our contribution (loaded from the tensors)
         self.result = averager.result            # where reduced parts land
         self.have: set[int] = {j for j, (a, b) in enumerate(self.parts) if a == b}
@@ -186,7 +186,8 @@ class AllReduceRound:
                                  timeout=2 * self.chunk_timeout, max_message_bytes=self.averager.max_frame,
                                  bulk=True) as stream:
                 stream.timeout = self.chunk_timeout
-                stream.pace(None if repair else self.upload_pace[part])
+                if self.upload_pace and not repair:
+                    stream.pace(self.upload_pace[part])
                 sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
                 for a, b in self._chunks(part):
                     await sender.send(self._compress(("sent", a, b), self.local[a:b]))
@@ -286,7 +287,8 @@ class AllReduceRound:
             if not ready.is_set():
                 await stream.send_msg(KEEPALIVE)
         await stream.send_msg(RESULT)
-        stream.pace(None if repair else self.result_pace)
+        if self.result_pace and not repair:
+            stream.pace(self.result_pace)
         sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
         for blob in self.result_bytes[part]:
             await sender.send(blob)

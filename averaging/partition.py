@@ -179,19 +179,18 @@ def split_by_bandwidth(total: int, bandwidths: Sequence[float], min_part: int = 
     return parts
 
 
-def pacing_rates(parts: Sequence[tuple[int, int]], me: int, rate: float | None) -> tuple[list, float | None]:
+def pacing_rates(parts: Sequence[tuple[int, int]], me: int, rate: float | None) -> tuple[list[float], float | None]:
     """How fast member ``me`` sends each flow of a round, given its bandwidth ``rate`` (bytes/s; None: unpaced).
 
     Returns ``(upload rate per part, rate of each copy of our own part's result)``. Uploads split ``rate`` in
     proportion to their sizes, and the results of our part split it evenly over the other members, so each
-    phase's flows finish together; none is paced if ``rate`` is None, and our own part is not a flow (0).
+    phase's flows finish together. Our own part is not a flow (0). ``([], None)`` if ``rate`` is None.
     """
-    others = len(parts) - 1
-    uploads = sum(b - a for j, (a, b) in enumerate(parts) if j != me)
     if rate is None:
-        return [None] * len(parts), None
+        return [], None
+    uploads = sum(b - a for j, (a, b) in enumerate(parts) if j != me)
     return ([0.0 if j == me else rate * (b - a) / max(1, uploads) for j, (a, b) in enumerate(parts)],
-            rate / max(1, others))
+            rate / max(1, len(parts) - 1))
 
 
 def iter_chunks(start: int, end: int, chunk_elems: int) -> Iterator[tuple[int, int]]:

@@ -60,7 +60,6 @@ UNREACHABLE_S = 60.0            # after a failed bulk open, use libp2p streams w
 # Linux only; Python names it from 3.12 on, and 47 is its number on the common architectures
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", None) or (
     47 if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64", "riscv64", "ppc64le") else None)
-_UNPACED = 0xFFFFFFFF           # SO_MAX_PACING_RATE's "no cap"
 _LEN = struct.Struct(">I")
 
 
@@ -174,8 +173,8 @@ class SecureSocket:
             self._closed = True
             self._close_fd()
 
-    def pace(self, bytes_per_s: float | None) -> bool:
-        """Cap what this socket sends at ``bytes_per_s`` (None lifts the cap); False where the OS cannot.
+    def pace(self, bytes_per_s: float) -> bool:
+        """Cap what this socket sends at ``bytes_per_s``; False where the OS cannot.
 
         The kernel spaces the socket's packets evenly (Linux TCP pacing, ``SO_MAX_PACING_RATE``), so
         flows that share a capped uplink each get the rate they were given instead of fighting over
@@ -183,7 +182,7 @@ class SecureSocket:
         """
         if SO_MAX_PACING_RATE is None:
             return False
-        rate = _UNPACED if bytes_per_s is None else max(1, min(int(bytes_per_s), _UNPACED - 1))
+        rate = max(1, min(int(bytes_per_s), 0xFFFFFFFE))   # a u32; all ones would mean "no cap"
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("=I", rate))
             return True

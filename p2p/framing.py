@@ -113,9 +113,9 @@ class FramedStream:
     def _deadline(self, what: str):
         return _Deadline(self.timeout, f"{what} on stream with {self.peer_id[-8:]} took longer than {self.timeout:.1f}s")
 
-    def pace(self, bytes_per_s: float | None) -> bool:
-        """Cap this stream's send rate (None: no cap). Only bulk streams can be paced: libp2p streams
-        share one connection with others, so this returns False for them and changes nothing."""
+    def pace(self, bytes_per_s: float) -> bool:
+        """Cap this stream's send rate. Only bulk streams can be paced: libp2p streams share one
+        connection with others, so this returns False for them and changes nothing."""
         pace = getattr(self.raw, "pace", None)
         return bool(pace(bytes_per_s)) if pace is not None else False
 

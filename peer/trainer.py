@@ -359,10 +359,10 @@ class Trainer:
                     logger.warning("Skipped a step (%d so far): %s", self.skipped_steps, str(e)[:300])
                     time.sleep(1.0)
                     continue
-                # a DiLoCo round publishes progress itself; besides, publish on the first step (so the swarm's
-                # size is known early) and, averaging every step, every PROGRESS_STEPS steps
-                if self.step == 1 or (c.sync == "grad" and self.step % PROGRESS_STEPS == 0) or (
-                        self.step % c.eval_every == 0 and c.sync == "diloco" and self.step % c.local_steps):
+                # publish progress on the first step (so the swarm's size is known early), then every
+                # PROGRESS_STEPS (grad) or eval_every (DiLoCo) steps, unless a DiLoCo round just did
+                due = self.step == 1 or self.step % (PROGRESS_STEPS if c.sync == "grad" else c.eval_every) == 0
+                if due and not (c.sync == "diloco" and self.step % c.local_steps == 0):
                     self.publish_progress()
                 if self.step % c.eval_every == 0:
                     eval_loss = self._evaluate_when_possible()
