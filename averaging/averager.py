@@ -30,6 +30,7 @@ from p2p.rpc import CallContext
 from .allreduce import AllReduceRound
 from .bans import BanList
 from .compression import choose_compression, default_chunk_elems
+from . import matchmaking
 from .matchmaking import Matchmaker, MatchmakingFailed
 from .partition import FlatBuffer
 from .reduce import all_finite, max_abs
@@ -179,7 +180,7 @@ class Averager:
             round_ = None
             with trio.move_on_after(budget) as scope:
                 try:
-                    round_id, members = await self.matchmaker.form_group(group_key or self.group_key(), group_size)
+                    round_id, members = await self.matchmaker.form_group(group_key or matchmaking.group_key(self.prefix), group_size)
                 except MatchmakingFailed as e:
                     result.reason = f"matchmaking failed: {e}"
                     return self._finish(result, started)
@@ -212,10 +213,6 @@ class Averager:
             if result.ok and self.feedback is not None:
                 self._keep_feedback(round_.residuals)
             return self._finish(result, started)
-
-    def group_key(self) -> str:
-        """DHT key under which peers of this prefix meet."""
-        return f"{self.prefix}.averaging"
 
     def _keep_feedback(self, staged: dict[tuple, torch.Tensor | None]) -> None:
         """Adopt a successful round's error-feedback residuals, keyed ``(kind, first, end)`` by element range.

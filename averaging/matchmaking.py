@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
+def group_key(prefix: str) -> str:
+    """The DHT key under which averagers of ``prefix`` meet (sub-key: peer ID)."""
+    return f"{prefix}.averaging"
+
+
 MAX_REDIRECTS = 3
 MAX_POLL_S = 0.5        # longest pause between two lookups of the group key while gathering
 

@@ -51,6 +51,12 @@ __all__ = ["StateSharer", "StateDownloadError", "StateFormatError", "adownload_s
 
 logger = logging.getLogger(__name__)
 
+
+def state_key(prefix: str) -> str:
+    """The DHT key under which peers of ``prefix`` offer their shared state (sub-key: peer ID)."""
+    return f"{prefix}.state"
+
+
 MAX_PIECES = 1 << 17  # piece hash list of at most 4 MiB
 
 
@@ -126,7 +132,7 @@ class StateSharer:
             self._drop_old()
             value = {"step": fresh.step, "nbytes": len(fresh.blob), "sha256": fresh.sha256,
                      "piece_bytes": self.piece_bytes, "addrs": self.dht.node.addrs[:8]}
-            record = self.dht.make_record(f"{self.prefix}.state", value, get_dht_time() + self.announce_ttl,
+            record = self.dht.make_record(state_key(self.prefix), value, get_dht_time() + self.announce_ttl,
                                           subkey=self.dht.peer_id)
             if not (await self.dht.astore_many([record]))[0]:
                 logger.warning("State %s: no DHT node accepted our announcement", self.prefix)
@@ -347,7 +353,7 @@ async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_
     service, started = f"state.{prefix}", time.monotonic()
     errors: list[str] = []
     with trio.move_on_after(timeout):
-        offers = _parse_offers(await dht.aget(f"{prefix}.state", latest=True), dht.peer_id, max_nbytes)
+        offers = _parse_offers(await dht.aget(state_key(prefix), latest=True), dht.peer_id, max_nbytes)
         offers = {offer: donors for offer, donors in offers.items() if offer.step > newer_than}
         if not offers:
             return None

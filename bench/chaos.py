@@ -174,7 +174,7 @@ class ChaosRun:
     def saved_trainers(self) -> list[str]:
         """Trainers that have a checkpoint, the one whose next save (every ``checkpoint_every`` steps) is
         soonest first (its step is read from its metrics: samples / batch size)."""
-        from peer.trainer import TrainConfig
+        from peer.training.trainer import TrainConfig
 
         every, batch = TrainConfig.checkpoint_every, TrainConfig.batch_size
         saved = [n for n, p in self.swarm.peers.items() if p.checkpoint_dir and (p.checkpoint_dir / "trainer.pt").exists()]

@@ -55,7 +55,7 @@ def dense_spread(states: dict[str, dict]) -> dict:
     """
     import torch
 
-    from peer.trainer import TrainConfig
+    from peer.training.trainer import TrainConfig
 
     flat = {n: torch.cat([a.flatten().double() for a in s["anchor"]]) for n, s in states.items()}
     mean = torch.stack(list(flat.values())).mean(0)

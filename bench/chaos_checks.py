@@ -40,7 +40,7 @@ FINAL_EVAL = re.compile(r"Finished: .* final eval loss (\S+?),")
 RESUMED = re.compile(r"Resumed from .* at step (\d+)")
 LISTENING = re.compile(r"Node (\S+) listening on")
 PROGRESS_HINTS = ("Skipped a step", "Caught up with the swarm", "Resumed from")
-PROGRESS_TTL_S = 60.0   # peer.trainer.Trainer.publish_progress: records expire get_dht_time() + 60
+PROGRESS_TTL_S = 60.0   # peer.training.trainer.Trainer.publish_progress: records expire get_dht_time() + 60
 
 
 @dataclass
@@ -55,7 +55,8 @@ class Violation:
 
 def dense_numel(model: str = "tiny") -> int:
     """How many values a trainer of ``model`` averages (its trainable dense parameters)."""
-    from peer.model import ModelConfig, MoETransformer
+    from peer.config import ModelConfig
+    from peer.training.model import MoETransformer
 
     net = MoETransformer(ModelConfig.preset(model))   # local experts: only the dense part is counted
     return sum(p.numel() for p in net.dense_parameters() if p.requires_grad)
@@ -65,7 +66,7 @@ def averaging_deadline_s(numel: int) -> float:
     """The budget ``Averager.step`` gives itself for ``numel`` float32 values with the trainer's settings."""
     from averaging.averager import NOMINAL_BANDWIDTH, Averager
     from averaging.compression import choose_compression, default_chunk_elems
-    from peer.trainer import TrainConfig
+    from peer.training.trainer import TrainConfig
 
     config = TrainConfig()
     compression = choose_compression(numel, config.compression)
@@ -97,10 +98,10 @@ def derive_bounds(model: str = "tiny") -> dict:
     import inspect
 
     from dht.config import DHTConfig
-    from peer.model import ModelConfig
-    from peer.remote import RemoteMixtureOfExperts
-    from peer.server import ExpertServer
-    from peer.trainer import TrainConfig
+    from peer.config import ModelConfig
+    from peer.moe.remote import RemoteMixtureOfExperts
+    from peer.hosting.server import ExpertServer
+    from peer.training.trainer import TrainConfig
 
     rpc = DHTConfig().rpc_timeout
     moe = inspect.signature(RemoteMixtureOfExperts.__init__).parameters

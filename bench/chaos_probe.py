@@ -45,7 +45,7 @@ def docker_module(name: str):
     return module
 
 
-#: trainer gauges of peer.roles.Metrics that the driver reads (name in the report -> Prometheus name)
+#: trainer gauges of peer.app.roles.Metrics that the driver reads (name in the report -> Prometheus name)
 GAUGES = {"samples": "swarmtrain_samples", "train_loss": "swarmtrain_train_loss",
           "averaging_ok": "swarmtrain_averaging_rounds_ok", "averaging_failed": "swarmtrain_averaging_rounds_failed"}
 
@@ -77,7 +77,7 @@ def probe_round(dht, args, peers: dict[str, str], metrics: dict[str, str]) -> di
     import trio
 
     from dht.routing import PeerInfo
-    from peer.model import ModelConfig
+    from peer.config import ModelConfig
     from peer.swarm_state import expert_hosts, state_offers, training_prefix, training_progress
 
     t0 = time.monotonic()

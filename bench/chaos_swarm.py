@@ -64,7 +64,7 @@ class Swarm:
         self.probe_host = len(roles)
         ids = {name: peer_id_of(load_or_create_identity(str(work / f"{name}.key"))) for name, _ in roles}
         self.bootstrap = f"/ip4/{self.topo.addr(0)}/tcp/{PORT}/p2p/{ids['bootstrap']}"
-        from peer.model import ModelConfig
+        from peer.config import ModelConfig
         cfg = ModelConfig.preset("tiny")
         per_host = math.ceil(cfg.n_layer * math.prod(cfg.grid_size) / args.experts)
         self.peers: dict[str, SwarmPeer] = {}

@@ -12,7 +12,7 @@ times ``--steps`` forward+backward passes of ``y.pow(2).mean()`` on random ``[ba
 everywhere (``--optimizer adam-fused``: torch's fused kernel, the default; or ``adam``).
 
 The remote backward includes each expert's optimizer step on its server, so the local reference
-``local_fwd_bwd_ms`` is a :class:`peer.model.LocalMixtureOfExperts` with the same experts timed for
+``local_fwd_bwd_ms`` is a :class:`peer.training.model.LocalMixtureOfExperts` with the same experts timed for
 forward + backward + the experts' Adam step in this process, with 1 and ``--local-threads`` torch threads
 (the faster counts; ``local_fwd_bwd_nostep_ms``: the same without the step). ``cpu_ms_per_step`` is the
 CPU time of all processes of a setup per step, which stays comparable when the machine is busy. ``--vs-hivemind`` runs
@@ -153,7 +153,7 @@ class LocalSetup:
 
     def __init__(self, args: argparse.Namespace):
         import torch
-        from peer.model import LocalMixtureOfExperts
+        from peer.moe.local import LocalMixtureOfExperts
         self.torch, self.args = torch, args
         self.moe = LocalMixtureOfExperts(args.hidden, (args.servers * args.experts_per_server,), args.k,
                                          prefix="expert")

@@ -57,7 +57,7 @@ def ours_server(args: argparse.Namespace) -> tuple[dict, Any, Any]:
     from p2p import setup_logging
     setup_logging(args.log_level)
     from dht import DHT
-    from peer.server import ExpertServer, create_experts
+    from peer.hosting.server import ExpertServer, create_experts
     import torch
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=LOOPBACK)
     optimizer = lambda params: torch.optim.Adam(params, lr=1e-3, fused=args.optimizer == "adam-fused")  # noqa: E731
@@ -81,7 +81,7 @@ def ours_client(args: argparse.Namespace) -> tuple[dict, Any, Any]:
     setup_logging(args.log_level)
     import torch
     from dht import DHT
-    from peer.remote import RemoteMixtureOfExperts
+    from peer.moe.remote import RemoteMixtureOfExperts
     dht = DHT(initial_peers=args.initial_peers, client_mode=True)
     layers: dict[int, Any] = {}
 

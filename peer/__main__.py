@@ -1,5 +1,6 @@
+"""``python -m peer``: see :mod:`peer.app.cli`."""
 import sys
 
-from .cli import main
+from peer.app.cli import main
 
 sys.exit(main())

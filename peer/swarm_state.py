@@ -4,16 +4,16 @@ Nothing here writes to the DHT or calls a peer's RPCs: it reads the records the 
 
 * **peers** — :meth:`dht.DHT.crawl`: every reachable peer with its addresses and DHT protocol version.
 * **experts** — the declarations under each layer's root key ``"<uid_prefix>."`` (see
-  :mod:`peer.expert_dht`): which server hosts which experts, and until when the declaration lives.
+  :mod:`peer.moe.directory`): which server hosts which experts, and until when the declaration lives.
   Declarations carry UIDs and addresses only, no load figures.
 * **averaging** — ``"<prefix>.averaging"``: the matchmaking announcements of trainers looking for an
   averaging group right now, or just done with one (:mod:`averaging.matchmaking`; each lives a few
   seconds), and ``"<prefix>.state"``: trainers offering the current dense state to newcomers
   (:mod:`averaging.state`).
-* **progress** — ``"<prefix>.progress"``: each trainer's samples, step and loss (:mod:`peer.trainer`,
+* **progress** — ``"<prefix>.progress"``: each trainer's samples, step and loss (:mod:`peer.training.trainer`,
   rewritten every ``eval_every`` steps).
 
-Here ``prefix = f"{swarm}.{model}.{sync}"``, exactly as trainers name it. Example::
+Here ``prefix = f"{swarm}.{model}.{sync}"`` (:func:`peer.config.training_prefix`), exactly as trainers name it. Example::
 
     from dht import DHT
     from peer.swarm_state import read_swarm
@@ -35,21 +35,8 @@ from typing import Any
 
 from dht import DHT, ValueWithExpiration, get_dht_time
 
-from .expert_dht import parse_declarations
-from .model import ModelConfig
-
-SYNC_MODES = ("diloco", "grad")
-
-
-def training_prefix(swarm: str, model: str, sync: str) -> str:
-    """The name trainers of ``model`` with ``sync`` publish under: ``"local-demo.tiny.diloco"``."""
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
-    if not swarm or "/" in swarm:
-        raise ValueError(f"swarm must be a non-empty name without '/', got {swarm!r}")
-    ModelConfig.preset(model)  # raises ValueError for an unknown preset
-    return f"{swarm}.{model}.{sync}"
-
+from peer.config import ModelConfig, training_keys, training_prefix
+from peer.moe.directory import parse_declarations
 
 def _entries(value: ValueWithExpiration | None) -> list[tuple[str, dict, float]]:
     """``(sub-key, payload, expiration)`` of a sub-keyed DHT value whose sub-keys are peer IDs; junk skipped."""
@@ -173,7 +160,7 @@ def state_offers(value: ValueWithExpiration | None) -> list[dict]:
 def read_training(dht: DHT, swarm: str, model: str = "tiny", sync: str = "diloco") -> dict:
     """The fast-changing part, in one batch of lookups: ``{"t", "progress", "averaging", "state_offers"}``."""
     prefix = training_prefix(swarm, model, sync)
-    keys = {"progress": f"{prefix}.progress", "averaging": f"{prefix}.averaging", "state": f"{prefix}.state"}
+    keys = training_keys(prefix)
     found = dht.get_many(list(keys.values()), latest=True)
     return {"t": get_dht_time(), "progress": training_progress(found.get(keys["progress"])),
             "averaging": averaging_announcements(found.get(keys["averaging"])),
@@ -189,8 +176,7 @@ def read_swarm(dht: DHT, swarm: str, model: str = "tiny", sync: str = "diloco", 
     """
     config = ModelConfig.preset(model)
     state = read_training(dht, swarm, model, sync)
-    roots = [f"{config.uid_prefix(layer)}." for layer in range(config.n_layer)]
-    experts = expert_hosts(dht.get_many(roots, latest=True), config)
+    experts = expert_hosts(dht.get_many(config.expert_root_keys(), latest=True), config)
     peers = list_peers(dht, crawl_timeout)
     hosting = {h["peer_id"] for h in experts["hosts"]}
     training = {row["peer_id"] for part in ("progress", "averaging", "state_offers") for row in state[part]}

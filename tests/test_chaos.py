@@ -67,7 +67,7 @@ def test_averaging_past_its_deadline_and_nan_losses_are_caught():
     m = running_swarm()
     late = BOUNDS["averaging_deadline_s"] + BOUNDS["averaging_slack_s"] + 1
     m.on_line("trainer0", 100.0, f"INFO averaging.averager: Averaging step 3: FAILED with 2 peers in {late:.2f}s")
-    m.on_line("trainer0", 101.0, "INFO peer.trainer: step 50: train loss nan, eval loss 2.9, 400 samples")
+    m.on_line("trainer0", 101.0, "INFO peer.training.trainer: step 50: train loss nan, eval loss 2.9, 400 samples")
     assert invariants(m) == ["no_hang", "no_nan"]
     m = running_swarm()                     # the same step while the trainer itself was paused: not a hang
     m.fault_began("trainer0", 90.0, "sigstop")

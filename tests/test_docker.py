@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peer.cli import check_args, parse_args
-from peer.model import ModelConfig
+from peer.app.cli import check_args, parse_args
+from peer.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"

@@ -26,7 +26,7 @@ from dht import DHT
 from dht.records import DeserializationError, MalformedRecord, Record, deserialize
 from p2p import P2PError, P2PTimeout, RemoteError
 from p2p.framing import unpack
-from peer.wire import InvalidTensorMessage, tensor_from_wire
+from peer.moe.wire import InvalidTensorMessage, tensor_from_wire
 
 EXAMPLES = int(os.environ.get("SWARMTRAIN_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -126,7 +126,7 @@ setup_logging("INFO")
 from averaging import Averager
 from averaging.state import StateSharer
 from dht import DHT
-from peer.server import ExpertServer, create_experts
+from peer.hosting.server import ExpertServer, create_experts
 dht = DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 server = ExpertServer(dht, create_experts("ffn", ["ffn.0.0"], 16, seed=0))
 averager = Averager([torch.zeros(64)], dht, "fuzz", target_group_size=2, matchmaking_time=1)

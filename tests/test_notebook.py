@@ -4,7 +4,7 @@ Fast tests: :mod:`peer.swarm_state` on hand-made DHT values (expert declarations
 announcements), no network.
 
 Slow test: the notebook against a live swarm of real processes on loopback — a bootstrap peer and an expert
-host (``python -m peer``, via :func:`peer.cli.main`) and one trainer that reports progress every 2 steps
+host (``python -m peer``, via :func:`peer.app.cli.main`) and one trainer that reports progress every 2 steps
 (``eval_every=2``; the CLI's default of 50 steps takes minutes on 2 cores). It executes the notebook with
 nbclient the way papermill runs it: the bootstrap address comes from ``SWARMTRAIN_INITIAL_PEERS``, the other
 parameters from a cell injected after the one tagged ``parameters``. Checked: the peer table lists the
@@ -22,7 +22,7 @@ import pytest
 from dht import ValueWithExpiration, get_dht_time
 from peer.swarm_state import (averaging_announcements, averaging_rounds, expert_hosts, progress_series,
                           swarm_throughput, training_prefix, training_progress)
-from peer.model import ModelConfig
+from peer.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO_ROOT / "notebooks" / "inspect_swarm.ipynb"
@@ -31,14 +31,14 @@ LOOPBACK = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
 
 PEER = """
 import sys
-from peer.cli import main
+from peer.app.cli import main
 sys.exit(main({argv!r}))
 """
 
 TRAINER = """
 from dht import DHT
 from p2p import setup_logging
-from peer.trainer import TrainConfig, Trainer
+from peer.training.trainer import TrainConfig, Trainer
 
 setup_logging("INFO")
 dht = DHT(initial_peers=[{join!r}], swarm={swarm!r}, host_maddrs=["/ip4/127.0.0.1/tcp/0"])

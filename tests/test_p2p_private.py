@@ -17,7 +17,7 @@ from dht import DHT, get_dht_time
 from dht.dht import DHTBootstrapError
 from p2p import P2PError, peer_id_of
 from p2p.identity import load_or_create_identity
-from peer.remote import RemoteExpert
+from peer.moe.remote import RemoteExpert
 
 SERVER = r"""
 import json, sys, torch
@@ -25,7 +25,7 @@ from p2p import setup_logging
 setup_logging("INFO")
 from averaging import Averager
 from dht import DHT
-from peer.server import ExpertServer, create_experts
+from peer.hosting.server import ExpertServer, create_experts
 cfg = json.loads(%r)
 dht = DHT(psk=cfg["psk"], allowed_peers=cfg["allowed"], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 server = ExpertServer(dht, create_experts("ffn", ["ffn.0.0"], 16, seed=0))

@@ -1,5 +1,5 @@
-"""Tests for peer.data: the embedded corpus, splits, batch streams and per-peer sharding."""
-
+"""Tests for peer.training.data: the embedded corpus, splits, batch streams and per-peer sharding."""
+import importlib.resources
 import importlib.util
 import itertools
 import random
@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from peer.data import DEFAULT_CORPUS, STRIPE_BYTES, ByteDataset, batches, eval_batches, load_corpus, shard_ranges
+from peer.training.data import DEFAULT_CORPUS, STRIPE_BYTES, ByteDataset, batches, eval_batches, load_corpus, shard_ranges
 
 
 def random_text(length, seed=0):
@@ -22,7 +22,8 @@ def test_embedded_corpus_is_english_prose_of_the_right_size():
     assert DEFAULT_CORPUS.stat().st_size < 3_000_000
     assert text.count(" the ") > 5000 and ">>>" not in text
     assert (DEFAULT_CORPUS.parent / "README.md").read_text().count("PSF-2.0") >= 1
-    assert not (DEFAULT_CORPUS.parent / "__init__.py").exists()  # peer.data must stay the module data.py
+    # the corpus is package data of peer.training.data (pyproject package-data), found where the package is
+    assert (importlib.resources.files("peer.training.data") / "corpus.txt").read_bytes() == DEFAULT_CORPUS.read_bytes()
 
 
 def test_corpus_script_is_deterministic_and_bounded():

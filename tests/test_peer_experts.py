@@ -1,4 +1,4 @@
-"""Tests for peer.experts: registry, built-in experts, ExpertBackend training and validation."""
+"""Tests for peer.moe.experts (registry, built-in experts) and peer.hosting.backend (training, validation)."""
 
 import copy
 import threading
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from peer import experts
-from peer.experts import (ExpertBackend, InvalidInputError, NonFiniteGradientError, UnknownExpertError,
-                          create_expert, expert_names, pick_device, register_expert)
+from peer.hosting.backend import ExpertBackend, InvalidInputError, NonFiniteGradientError
+from peer.moe import experts
+from peer.moe.experts import UnknownExpertError, create_expert, expert_names, pick_device, register_expert
 
 
 def test_builtin_experts_are_registered_and_keep_shapes():

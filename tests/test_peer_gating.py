@@ -1,11 +1,11 @@
-"""Tests for peer.gating: UIDs, beam search over the expert grid, output combination, load balancing."""
+"""Tests for peer.moe.gating: UIDs, beam search over the expert grid, output combination, load balancing."""
 
 import itertools
 
 import pytest
 import torch
 
-from peer.gating import (GatingFunction, InvalidUIDError, all_uids, beam_search, beam_search_coords,
+from peer.moe.gating import (GatingFunction, InvalidUIDError, all_uids, beam_search, beam_search_coords,
                          combine_expert_outputs, expert_logits, load_balancing_loss, make_uid, parse_uid,
                          routing_counts, uid_prefix, uids_to_coords)
 

@@ -1,4 +1,4 @@
-"""Tests for peer.model: config presets, the local mixture of experts and the MoE transformer."""
+"""Tests for peer.training.model: config presets, the local mixture of experts and the MoE transformer."""
 
 import itertools
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from peer.data import ByteDataset, batches, eval_batches, load_corpus
-from peer.model import LocalMixtureOfExperts, ModelConfig, MoETransformer
+from peer.training.data import ByteDataset, batches, eval_batches, load_corpus
+from peer.config import ModelConfig
+from peer.moe.local import LocalMixtureOfExperts
+from peer.training.model import MoETransformer
 
 
 @pytest.fixture(autouse=True)

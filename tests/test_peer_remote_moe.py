@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from dht import DHT
-from peer.experts import create_expert
-from peer.gating import all_uids
-from peer.model import LocalMixtureOfExperts, ModelConfig, MoETransformer
-from peer.remote import NotEnoughExpertsError, RemoteExpert, RemoteMixtureOfExperts
+from peer.moe.experts import create_expert
+from peer.moe.gating import all_uids
+from peer.config import ModelConfig
+from peer.moe.local import LocalMixtureOfExperts
+from peer.training.model import MoETransformer
+from peer.moe.remote import NotEnoughExpertsError, RemoteExpert, RemoteMixtureOfExperts
 
 HIDDEN, GRID, PREFIX = 16, (2, 2), "ffn0"  # "ffn0" = ModelConfig(expert_type="ffn").uid_prefix(0)
 UIDS = all_uids(PREFIX, GRID)  # ffn0.0.0, ffn0.0.1 on server A; ffn0.1.0, ffn0.1.1 on server B
@@ -27,7 +29,7 @@ torch.set_num_threads(1)
 from p2p import setup_logging
 setup_logging("INFO")
 from dht import DHT
-from peer.server import ExpertServer, create_experts
+from peer.hosting.server import ExpertServer, create_experts
 cfg = json.loads(%r)
 dht = DHT(initial_peers=cfg["peers"])
 frozen = {"optimizer_factory": lambda params: torch.optim.SGD(params, lr=0.0)} if cfg["frozen"] else {}
@@ -156,7 +158,7 @@ def test_server_killed_mid_training_never_gives_nan(python_process, caplog):
 
         step()
         assert moe.mask.all() and not moe.last_failures
-        with caplog.at_level(logging.WARNING, logger="peer.remote"):
+        with caplog.at_level(logging.WARNING, logger="peer.moe.remote"):
             step(kill_before_backward=True)  # B's experts fail in backward: zero gradient, logged
         assert any("failed in backward" in r.message and "ffn0.1." in r.message for r in caplog.records)
         for _ in range(2):  # B's experts failed, so they are blacklisted: only A's are chosen

@@ -12,12 +12,13 @@ import torch
 
 from dht import DHT
 from p2p import RemoteError
-from peer.batching import ExpertBatcher
+from peer.hosting.batching import ExpertBatcher
 from peer.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
-from peer.expert_dht import ExpertDirectory, ancestors, declared_keys, parent_key
-from peer.experts import InvalidInputError, create_expert
-from peer.server import ExpertServer, create_experts
-from peer.wire import SERVICE, InvalidTensorMessage, tensor_from_wire, tensor_to_wire
+from peer.moe.directory import ExpertDirectory, ancestors, declared_keys, parent_key
+from peer.hosting.backend import InvalidInputError
+from peer.moe.experts import create_expert
+from peer.hosting.server import ExpertServer, create_experts
+from peer.moe.wire import SERVICE, InvalidTensorMessage, tensor_from_wire, tensor_to_wire
 
 HIDDEN = 16
 
@@ -27,7 +28,7 @@ torch.set_num_threads(1)
 from p2p import setup_logging
 setup_logging("INFO")
 from dht import DHT
-from peer.server import ExpertServer, create_experts
+from peer.hosting.server import ExpertServer, create_experts
 cfg = json.loads(%r)
 dht = DHT(initial_peers=cfg.get("peers", []), identity_path=cfg.get("identity"))
 experts = create_experts("ffn", cfg["uids"], cfg["hidden"], seed=cfg.get("seed", 0), max_batch_size=64)

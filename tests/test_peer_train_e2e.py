@@ -128,7 +128,7 @@ def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
 def test_the_lr_schedule_follows_the_swarms_samples_between_dht_reads():
     from types import SimpleNamespace
 
-    from peer.trainer import TrainConfig, Trainer
+    from peer.training.trainer import TrainConfig, Trainer
     seen = SimpleNamespace(samples=100, samples_seen_at=100, global_samples=400, trainers_seen=4)
     assert Trainer.swarm_samples(seen) == 400
     seen.samples = 110                                   # 10 more of ours: the 4 trainers made about 40

@@ -10,7 +10,6 @@ import argparse
 import logging
 import signal
 import sys
-import time
 from collections.abc import Sequence
 
 from p2p import P2PError, parse_maddr, setup_logging
@@ -178,50 +177,6 @@ def join_command(addrs: Sequence[str], swarm: str) -> str:
     return cmd if swarm == "default" else f"{cmd} --swarm {swarm}"
 
 
-def run_roles(dht, args: argparse.Namespace) -> int:
-    """Host experts and/or train as the flags say; otherwise just serve the DHT until interrupted.
-
-    torch is imported only for those roles: a peer that only serves the DHT starts fast and stays small."""
-    metrics = None
-    if args.metrics_port:
-        from .roles import Metrics
-        metrics = Metrics(args.metrics_port)
-    server = trainer = None
-    try:
-        if args.experts or args.train:
-            from .model import ModelConfig
-            model_config = ModelConfig.preset(args.model, expert_type=args.expert_type)
-        if args.experts:
-            from .roles import choose_uids
-            from .server import ExpertServer, create_experts
-            uids = choose_uids(dht, model_config, args.experts)
-            server = ExpertServer(dht, create_experts(args.expert_type, uids, model_config.n_embd, device=args.device),
-                                  checkpoint_dir=args.expert_checkpoint_dir)
-            logger.info("Hosting %d experts: %s", len(uids), " ".join(uids))
-            if metrics:
-                metrics.experts_hosted.set(len(uids))
-        if args.train:
-            from .trainer import TrainConfig, Trainer
-            trainer = Trainer(dht, TrainConfig(model=args.model, batch_size=args.batch_size, sync=args.sync,
-                                               local_steps=args.local_steps, max_samples=args.max_samples,
-                                               compression=args.compression, bandwidth=args.bandwidth,
-                                               data=args.data, shard=args.shard, num_shards=args.num_shards,
-                                               checkpoint_dir=args.checkpoint_dir), model_config=model_config)
-            from .status import StatusLine
-            with StatusLine(trainer, metrics) as status:
-                trainer.run(on_step=status.update)
-            return 0
-        while True:
-            time.sleep(5)
-            if metrics:
-                metrics.peers.set(len(dht.routing))
-    finally:
-        if trainer is not None:
-            trainer.shutdown()
-        if server is not None:
-            server.shutdown()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
@@ -243,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("All addresses of this peer: " + " ".join(dht.addrs), flush=True)
         else:
             print(f"Joined swarm {args.swarm!r} in client mode as {dht.peer_id}", flush=True)
+        from .roles import run_roles
         return run_roles(dht, args)
     except KeyboardInterrupt:
         logger.info("Shutting down")

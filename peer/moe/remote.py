@@ -6,18 +6,18 @@ calls their ``backward`` RPC with the gradient of the output, which returns the 
 
 ``RemoteMixtureOfExperts.forward(x [batch, in_features])``, following Learning@home's DMoE layer:
 
-1. the gate scores every grid dimension; beam search (:func:`peer.gating.beam_search_coords`) finds each
-   sample's top-``k_best`` alive experts, asking an :class:`~peer.expert_dht.ExpertDirectory` (DHT
+1. the gate scores every grid dimension; beam search (:func:`peer.moe.gating.beam_search_coords`) finds each
+   sample's top-``k_best`` alive experts, asking an :class:`~peer.moe.directory.ExpertDirectory` (DHT
    records cached ~1 s) and skipping blacklisted experts;
 2. samples are grouped by expert and every chosen expert gets ONE ``forward`` call with its rows, all
    calls in parallel (in the DHT node's trio loop, via ``node.run``: the layer blocks the training thread);
 3. an expert that fails (timeout, dead peer, remote error, non-finite or wrongly shaped output) is skipped
    and blacklisted for ``blacklist_seconds``; outputs are mixed with softmax weights renormalised over the
-   experts that answered (:func:`peer.gating.combine_expert_outputs`, never NaN);
+   experts that answered (:func:`peer.moe.gating.combine_expert_outputs`, never NaN);
 4. a sample with fewer than ``k_min`` answers raises :class:`NotEnoughExpertsError` (``on_failure="raise"``)
    or gets a zero output and ``False`` in ``layer.mask`` (``on_failure="mask"``);
 5. ``layer.aux_loss`` is set to the load-balancing loss, so the layer plugs into
-   :class:`peer.model.MoETransformer` as its ``make_moe``.
+   :class:`peer.training.model.MoETransformer` as its ``make_moe``.
 
 In the backward pass each expert that answered gets one ``backward`` call (skipped when its output
 gradient is all zeros); one that fails contributes a zero gradient and is logged — never NaN.
@@ -38,10 +38,10 @@ from torch import nn
 
 from dht import DHT
 from p2p import Node, P2PError
-from peer.expert_dht import ExpertDirectory
-from peer.gating import (GatingFunction, beam_search_coords, combine_expert_outputs, expert_logits,
+from peer.moe.directory import ExpertDirectory
+from peer.moe.gating import (GatingFunction, beam_search_coords, combine_expert_outputs, expert_logits,
                          load_balancing_loss, make_uid, routing_counts)
-from peer.wire import SERVICE, InvalidTensorMessage, tensor_from_wire, tensor_to_wire
+from peer.moe.wire import SERVICE, InvalidTensorMessage, tensor_from_wire, tensor_to_wire
 
 logger = logging.getLogger(__name__)
 

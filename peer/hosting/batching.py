@@ -1,6 +1,6 @@
 """Batching of concurrent requests to one expert: a queue, a trio task that forms batches, a worker thread.
 
-:class:`ExpertBatcher` serves one :class:`~peer.experts.ExpertBackend` inside a trio loop:
+:class:`ExpertBatcher` serves one :class:`~peer.moe.experts.ExpertBackend` inside a trio loop:
 
 1. ``await batcher.submit("forward", x)`` (or ``"backward", x, grad``) queues a request and waits for its result;
 2. :meth:`ExpertBatcher.run` takes the first queued request, then every other queued request of the same
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from peer.experts import ExpertBackend
+from peer.hosting.backend import ExpertBackend
 
 logger = logging.getLogger(__name__)
 

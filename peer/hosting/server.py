@@ -1,19 +1,19 @@
 """``ExpertServer``: host experts for the swarm — batched forward/backward RPCs, DHT declarations, checkpoints.
 
 A server runs on the node of an existing :class:`dht.DHT` and serves the ``experts`` service
-(:mod:`peer.wire`: ``forward``, ``backward``, ``info``). How a call is answered:
+(:mod:`peer.moe.wire`: ``forward``, ``backward``, ``info``). How a call is answered:
 
 1. the handler decodes and validates the tensors (shape, dtype, batch size, finiteness) right away, so a
    bad request is answered with a clear :class:`~p2p.RemoteError` (``InvalidInputError`` etc.) and never
    reaches a batch;
-2. it hands the request to its expert's :class:`~peer.batching.ExpertBatcher`, which gathers concurrent
+2. it hands the request to its expert's :class:`~peer.hosting.batching.ExpertBatcher`, which gathers concurrent
    requests into batches (up to ``max_batch_size`` rows, waiting ``batch_window_ms`` for more) and runs
    them in a worker thread (``trio.to_thread``, at most ``max_concurrent_batches`` at once), so the node
    keeps serving meanwhile; ``backward`` also applies one optimizer step per batch (Learning@home's
    asynchronous expert updates);
 3. the handler sends the result back.
 
-Declarations follow :mod:`peer.expert_dht` (root, prefix and UID keys with this server's peer ID as
+Declarations follow :mod:`peer.moe.directory` (root, prefix and UID keys with this server's peer ID as
 owner-signed sub-key, renewed every ``heartbeat`` seconds, expiring after ``expiration``; tombstones on
 clean shutdown). With ``checkpoint_dir`` every expert's weights, optimizer state and update count are
 saved atomically (:mod:`peer.checkpoint`) every ``checkpoint_interval`` seconds when they changed and on
@@ -43,12 +43,13 @@ import trio
 
 from dht import DHT, get_dht_time
 from p2p import ServiceLimits
-from peer.batching import BatcherStopped, ExpertBatcher
+from peer.hosting.batching import BatcherStopped, ExpertBatcher
 from peer.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from peer.expert_dht import declaration_records
-from peer.experts import ExpertBackend, InvalidInputError, OptimizerFactory, create_expert
-from peer.gating import parse_uid
-from peer.wire import SERVICE, tensor_from_wire, tensor_to_wire
+from peer.moe.directory import declaration_records
+from peer.hosting.backend import ExpertBackend, InvalidInputError, OptimizerFactory
+from peer.moe.experts import create_expert
+from peer.moe.gating import parse_uid
+from peer.moe.wire import SERVICE, tensor_from_wire, tensor_to_wire
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ little-endian buffer (``dtype`` one of :data:`WIRE_DTYPES`). Decoding checks eve
 byte count matches the shape before allocating anything, so a malformed message raises
 :class:`InvalidTensorMessage` instead of producing a wrong tensor.
 
-RPC methods of the ``experts`` service (see :mod:`peer.server`):
+RPC methods of the ``experts`` service (see :mod:`peer.hosting.server`):
 
 * ``forward {"uid", "x"} -> {"y"}``
 * ``backward {"uid", "x", "grad"} -> {"grad_x"}`` (also applies one optimizer step on the server)

@@ -5,7 +5,7 @@ pre-norm blocks of causal self-attention and a feed-forward layer, a final Layer
 head tied to the token embedding. The feed-forward layer of block ``l`` is whatever
 ``make_moe(l, config)`` returns, so the same model runs with all experts in-process
 (:class:`LocalMixtureOfExperts`, the single-process baseline) or with experts hosted by other
-peers (the remote layer, written on top of :mod:`peer.gating`).
+peers (the remote layer, written on top of :mod:`peer.moe.gating`).
 
 Contract for a ``make_moe`` layer:
 
@@ -19,123 +19,14 @@ Contract for a ``make_moe`` layer:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer.experts import create_expert
-from peer.gating import (GatingFunction, all_uids, beam_search_coords, combine_expert_outputs, expert_logits,
-                         load_balancing_loss, routing_counts)
-
-
-@dataclass
-class ModelConfig:
-    """Hyper-parameters of :class:`MoETransformer`; use ``ModelConfig.tiny()`` / ``.small()`` for presets."""
-
-    vocab_size: int = 256            # byte-level tokens
-    block_size: int = 64             # context length
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    dropout: float = 0.0
-    grid_size: tuple[int, ...] = (4, 4)   # expert grid per layer
-    k: int = 2                       # experts per token
-    beam_size: int | None = None     # beam search width (None = k)
-    expert_type: str = "ffn"         # name in the peer.experts registry
-    aux_loss_weight: float = 0.01    # weight of the load-balancing loss
-
-    def __post_init__(self) -> None:
-        self.grid_size = tuple(self.grid_size)
-        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "k")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0 or self.aux_loss_weight < 0:
-            raise ValueError("need 0 <= dropout < 1 and aux_loss_weight >= 0")
-        if self.beam_size is not None and (not isinstance(self.beam_size, int) or self.beam_size < 1):
-            raise ValueError(f"ModelConfig.beam_size must be None or a positive int, got {self.beam_size!r}")
-        if not self.grid_size or any(g < 1 for g in self.grid_size) or self.k > math.prod(self.grid_size):
-            raise ValueError(f"grid_size {self.grid_size} must be positive and hold at least k={self.k} experts")
-
-    def uid_prefix(self, layer: int) -> str:
-        """Expert UID prefix of layer ``layer``: ``f"{expert_type}{layer}"``, e.g. ``"ffn0"`` (UIDs ``"ffn0.1.3"``)."""
-        return f"{self.expert_type}{layer}"
-
-    @classmethod
-    def tiny(cls, **overrides: Any) -> ModelConfig:
-        """A model that trains at several steps/s on 2 CPU cores (2 layers, 64 wide, 4x4 experts, block 64)."""
-        return replace(cls(), **overrides)
-
-    @classmethod
-    def small(cls, **overrides: Any) -> ModelConfig:
-        """nanoGPT-sized (6 layers, 384 wide, 6 heads, block 256) with a 4x8 expert grid per layer, k=4."""
-        base = cls(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.1, grid_size=(4, 8), k=4)
-        return replace(base, **overrides)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """Return the preset called ``name`` (``"tiny"`` or ``"small"``) with ``overrides`` applied."""
-        if name not in ("tiny", "small"):
-            raise ValueError(f"unknown preset {name!r}; choose 'tiny' or 'small'")
-        return getattr(cls, name)(**overrides)
-
-
-class LocalMixtureOfExperts(nn.Module):
-    """A DMoE layer with every expert in this process; same math as the remote layer (see :mod:`peer.gating`).
-
-    ``forward(x: [tokens, in_features]) -> [tokens, in_features]``: gate scores per grid dimension,
-    beam search over the grid (everything alive), run the chosen experts, softmax-combine them and
-    set ``self.aux_loss`` to the load-balancing loss. Only token-wise experts (input ``[batch, h]``)
-    are supported. Expert ``self.experts[i]`` has UID ``self.uids[i]`` (row-major grid order).
-    """
-
-    def __init__(self, in_features: int, grid_size: tuple[int, ...], k: int, expert_type: str = "ffn",
-                 prefix: str = "expert", beam_size: int | None = None, **expert_kwargs: Any):
-        super().__init__()
-        self.in_features, self.grid_size, self.k = in_features, tuple(grid_size), k
-        self.prefix, self.beam_size = prefix, beam_size
-        self.gate = GatingFunction(in_features, self.grid_size)
-        self.uids = all_uids(prefix, self.grid_size)
-        self.experts = nn.ModuleList(create_expert(expert_type, in_features, **expert_kwargs) for _ in self.uids)
-        sample_shape = tuple(self.experts[0].sample_input(1).shape)
-        if sample_shape != (1, in_features):
-            raise ValueError(f"expert type {expert_type!r} takes {sample_shape}; local MoE needs token-wise experts")
-        strides = [math.prod(self.grid_size[d + 1:]) for d in range(len(self.grid_size))]
-        self.register_buffer("strides", torch.tensor(strides, dtype=torch.long), persistent=False)
-        self.aux_loss: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Route each row of ``x`` to its top-k experts and return their weighted combination."""
-        scores = self.gate(x)
-        coords, found = beam_search_coords(scores, self.k, lambda names: names, self.prefix, self.beam_size)
-        coords, found = coords.to(x.device), found.to(x.device)
-        logits = expert_logits(scores, coords, found)
-        flat_index = (coords * self.strides).sum(dim=2)
-        rows, slots, results = [], [], []
-        for expert_index in torch.unique(flat_index[found]).tolist():
-            row, slot = torch.nonzero(found & (flat_index == expert_index), as_tuple=True)
-            rows.append(row), slots.append(slot)
-            results.append(self.experts[expert_index](x[row]))
-        outputs = x.new_zeros(x.shape[0], self.k, self.in_features)
-        if results:
-            outputs = outputs.index_put((torch.cat(rows), torch.cat(slots)), torch.cat(results))
-        self.aux_loss = load_balancing_loss(scores, routing_counts(coords, found, self.grid_size))
-        return combine_expert_outputs(outputs, logits, found)
-
-    def expert_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the experts (not of the gate)."""
-        return self.experts.parameters()
-
-
-def local_moe_factory(layer: int, config: ModelConfig) -> nn.Module:
-    """Default ``make_moe``: a :class:`LocalMixtureOfExperts` with prefix ``config.uid_prefix(layer)``."""
-    return LocalMixtureOfExperts(config.n_embd, config.grid_size, config.k, config.expert_type,
-                                 prefix=config.uid_prefix(layer), beam_size=config.beam_size)
+from peer.config import ModelConfig
+from peer.moe.local import local_moe_factory
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,6 +1,6 @@
 """The training loop of a volunteer: local steps on local data, dense weights kept in sync with the swarm.
 
-The model's feed-forward layers are :class:`~peer.remote.RemoteMixtureOfExperts` over the swarm's
+The model's feed-forward layers are :class:`~peer.moe.remote.RemoteMixtureOfExperts` over the swarm's
 experts (which train themselves on backward); its dense parameters (embeddings, attention, gates,
 norms) live on every trainer and are synchronised in one of two ways:
 
@@ -36,10 +36,12 @@ from averaging import Averager
 from averaging.state import StateDownloadError, StateSharer, download_state
 from dht import DHT, get_dht_time
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from peer.checkpoint import load_checkpoint, save_checkpoint
+from peer.config import ModelConfig
+from peer.moe.remote import NotEnoughExpertsError, RemoteMixtureOfExperts
+
 from .data import ByteDataset, batches, eval_batches, load_corpus
-from .model import ModelConfig, MoETransformer
-from .remote import NotEnoughExpertsError, RemoteMixtureOfExperts
+from .model import MoETransformer
 
 logger = logging.getLogger(__name__)
 

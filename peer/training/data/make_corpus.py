@@ -17,8 +17,8 @@ deterministic for a given CPython version; the version used is recorded in
 
 Usage (run once, from the repository root)::
 
-    python peer/data/make_corpus.py            # writes peer/data/corpus.txt
-    python peer/data/make_corpus.py --max-bytes 1500000 --out corpus-preview.txt
+    python peer/training/data/make_corpus.py            # writes peer/training/data/corpus.txt
+    python peer/training/data/make_corpus.py --max-bytes 1500000 --out corpus-preview.txt
 """
 
 from __future__ import annotations

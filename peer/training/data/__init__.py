@@ -1,8 +1,8 @@
 """Byte-level training data: the embedded corpus, train/eval splits and per-peer batch streams.
 
 Text is treated as raw UTF-8 bytes (vocabulary 256), so any text works without a tokenizer.
-The default corpus ``peer/data/corpus.txt`` ships with the package (built from CPython's own
-documentation, see ``peer/data/README.md``), so training never needs a download.
+The default corpus ``peer/training/data/corpus.txt`` ships with the package (built from CPython's own
+documentation, see ``peer/training/data/README.md``), so training never needs a download.
 
 Sharding rule: the training bytes are cut into stripes of :data:`STRIPE_BYTES`; stripe ``k`` belongs to
 shard ``k mod n``, and peer ``i`` of ``n`` draws its windows only from inside its own stripes. Peers never
@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-DEFAULT_CORPUS = Path(__file__).with_name("data") / "corpus.txt"
+DEFAULT_CORPUS = Path(__file__).with_name("corpus.txt")
 
 PathLike = str | os.PathLike
 

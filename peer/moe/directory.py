@@ -31,7 +31,7 @@ from typing import Any, Callable
 import trio
 
 from dht import DHT, Record, get_dht_time
-from peer.gating import parse_uid
+from peer.moe.gating import parse_uid
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class ExpertDirectory:
         """The names (prefixes like ``"ffn.3."`` or UIDs) with at least one alive expert below them.
 
         ``exclude(uid, peer_id)`` drops individual (expert, server) pairs, e.g. blacklisted ones.
-        Matches the ``is_alive`` callback of :func:`peer.gating.beam_search`.
+        Matches the ``is_alive`` callback of :func:`peer.moe.gating.beam_search`.
         """
         names = list(names)
         entries = self.servers(names)
