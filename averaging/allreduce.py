@@ -27,33 +27,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import trio
 
-from p2p import P2PError, open_call, read_reply
+from p2p import Node, P2PError, open_call, read_reply
 from p2p.streams import PayloadSender, receive_payload
 
-from .compression import Compression
+from .bans import BanList
+from .checks import all_finite, max_abs
+from .feedback import RoundFeedback
+from .group import Member, RoundConfig
 from .partition import pacing_rates, split_by_bandwidth
-from .reduce import BadContribution, PartReducer, ReduceError, all_finite, max_abs
-
-if TYPE_CHECKING:
-    from .averager import Averager
+from .reduce import BadContribution, PartReducer, ReduceError
 
 logger = logging.getLogger(__name__)
 
 KEEPALIVE, RESULT = "wait", "result"
-
-
-@dataclass(frozen=True)
-class Member:
-    """One member of a group as agreed in matchmaking."""
-
-    peer_id: str
-    bandwidth: float
-    client: bool
 
 
 @dataclass
@@ -65,19 +55,27 @@ class RoundStats:
 
 
 class AllReduceRound:
-    """One member's state for one all-reduce round; created by :class:`~averaging.averager.Averager`."""
+    """One member's state for one all-reduce round; created by :class:`~averaging.averager.Averager`.
 
-    def __init__(self, averager: "Averager", round_id: str, members: list[Member], weight: float,
-                 compression: Compression, chunk_elems: int, chunk_timeout: float):
-        self.averager, self.round_id, self.members, self.weight = averager, round_id, members, weight
-        self.compression, self.chunk_elems, self.chunk_timeout = compression, chunk_elems, chunk_timeout
-        self.me = averager.peer_id
-        self.index = [m.peer_id for m in members].index(self.me)
+    :param node: our p2p node; ``config``: the averager's :class:`~averaging.group.RoundConfig`.
+    :param round_id, members: as matchmaking agreed them; ``me``: our peer ID among them.
+    :param weight: our contribution's weight; ``local``: our contribution (flat, not changed by the round).
+    :param result: where reduced parts land (same size as ``local``).
+    :param bans: peers caught sending garbage (banned here, consulted in repair).
+    :param feedback: compresses what we send, with error feedback if the averager keeps it.
+    """
+
+    def __init__(self, node: Node, config: RoundConfig, round_id: str, members: list[Member], me: str,
+                 weight: float, local: torch.Tensor, result: torch.Tensor, bans: BanList, feedback: RoundFeedback):
+        self.node, self.config, self.round_id, self.members, self.weight = node, config, round_id, members, weight
+        self.compression, self.chunk_elems, self.chunk_timeout = config.compression, config.chunk_elems, \
+            config.chunk_timeout
+        self.me, self.bans, self.feedback = me, bans, feedback
         self.peer_ids = [m.peer_id for m in members]
-        self.parts = split_by_bandwidth(averager.buffer.numel, [0.0 if m.client else m.bandwidth for m in members])
-        self.upload_pace, self.result_pace = pacing_rates(self.parts, self.index, averager.pacing)  # bytes/s
-        self.local = averager.buffer.buffer      # our contribution (loaded from the tensors)
-        self.result = averager.result            # where reduced parts land
+        self.index = self.peer_ids.index(me)
+        self.parts = split_by_bandwidth(local.numel(), [0.0 if m.client else m.bandwidth for m in members])
+        self.upload_pace, self.result_pace = pacing_rates(self.parts, self.index, config.pacing)  # bytes/s
+        self.local, self.result = local, result
         self.have: set[int] = {j for j, (a, b) in enumerate(self.parts) if a == b}
         self.reducers: dict[int, PartReducer] = {}
         self.reducer_ready: dict[int, trio.Event] = {}
@@ -87,7 +85,6 @@ class AllReduceRound:
         self.started: dict[int, set[str]] = {}
         self.progress: dict[int, trio.Event] = {}
         self.stats = RoundStats()
-        self.residuals: dict[tuple, torch.Tensor | None] = {}   # error feedback staged (see _compress); None: used up
 
     # ------------------------------------------------------------------ helpers
     def _event(self, table: dict[int, trio.Event], part: int) -> trio.Event:
@@ -101,15 +98,14 @@ class AllReduceRound:
     def open_part(self, part: int, senders: list[str]) -> PartReducer:
         """Start reducing ``part`` from ``senders`` (we must be one of them); our own slice goes in now."""
         start, end = self.parts[part]
-        reducer = PartReducer(end - start, senders, clip_tau=self.averager.clip_tau)
+        reducer = PartReducer(end - start, senders, clip_tau=self.config.clip_tau)
         own = self.local[start:end]
-        feedback = self.averager.feedback
-        if feedback:  # our slice goes in exactly: what earlier rounds lost of it goes in with it, once
+        # our slice goes in exactly: what earlier rounds lost of it goes in with it, once
+        lost = [(a, b, r) for a, b in self._chunks(part) if (r := self.feedback.take(("sent", a, b))) is not None]
+        if lost:
             own = own.clone()
-            for a, b in self._chunks(part):
-                if feedback.get(("sent", a, b)) is not None:
-                    own[a - start:b - start] += feedback[("sent", a, b)]
-                    self.residuals[("sent", a, b)] = None
+            for a, b, residual in lost:
+                own[a - start:b - start] += residual
         reducer.add(self.me, 0, own, self.weight, copy=False)  # the round's snapshot: it does not change
         reducer.sender_finished(self.me)
         self.reducers[part] = reducer
@@ -126,13 +122,13 @@ class AllReduceRound:
     async def finish_part(self, part: int, deadline_senders: float) -> None:
         """Wait until every sender finished or was excluded, then publish the mean.
 
-        A sender that has not started within ``2 * chunk_timeout`` (dialing a new peer and its handshake
+        A sender that has not started within ``start_timeout`` (dialing a new peer and its handshake
         may take a while on a busy machine) is excluded; one that started is bounded by the per-chunk
         deadline of its own stream, and everything by ``deadline_senders``.
         """
         reducer = self.reducers[part]
         started = self.started.setdefault(part, {self.me})
-        with trio.move_on_after(2 * self.chunk_timeout):
+        with trio.move_on_after(self.config.start_timeout):
             while not reducer.is_complete() and len(started) < len(reducer.expected_senders):
                 await self._wait_progress(part)
         for sender in reducer.active_senders:
@@ -154,27 +150,11 @@ class AllReduceRound:
                 self.stats.excluded.add(sender)
         mean = reducer.result()
         start, _ = self.parts[part]
-        self.result_bytes[part] = [self._compress(("result", a, b), mean[a - start:b - start].contiguous(),
-                                                  out=self.result[a:b]) for a, b in self._chunks(part)]
+        self.result_bytes[part] = [self.feedback.compress(("result", a, b), mean[a - start:b - start].contiguous(),
+                                                          out=self.result[a:b]) for a, b in self._chunks(part)]
         self.have.add(part)
         del self.reducers[part]  # free the per-sender buffers now
         self._event(self.result_ready, part).set()
-
-    def _compress(self, key: tuple, values: torch.Tensor, out: torch.Tensor | None = None) -> bytes:
-        """Compress ``values`` (decoding into ``out`` if given). With error feedback, what this chunk slot lost
-        before is added first and what it loses now is staged in ``self.residuals``, which the averager
-        keeps only if the round succeeds (a failed round's data was never applied, so its loss must not be
-        sent again; see :meth:`~averaging.averager.Averager._keep_feedback`)."""
-        feedback = self.averager.feedback
-        lossy = feedback is not None and self.compression.name != "none"
-        previous = feedback.get(key) if lossy else None
-        corrected = values + previous if previous is not None else values.clone() if lossy else values
-        blob = self.compression.compress(corrected)
-        if out is not None or lossy:
-            decoded = self.compression.decompress(blob, values.numel(), out=out)
-            if lossy:
-                self.residuals[key] = corrected.sub_(decoded)
-        return blob
 
     # ------------------------------------------------------------------ sender side
     async def exchange_part(self, part: int, repair: bool = False) -> bool:
@@ -182,20 +162,20 @@ class AllReduceRound:
         owner = self.members[part].peer_id if not repair else self.repair_owner[part]
         header = {"round": self.round_id, "part": part, "weight": self.weight, "repair": repair}
         try:
-            async with open_call(self.averager.node, owner, self.averager.service, "part", header,
-                                 timeout=2 * self.chunk_timeout, max_message_bytes=self.averager.max_frame,
+            async with open_call(self.node, owner, self.config.service, "part", header,
+                                 timeout=self.config.start_timeout, max_message_bytes=self.config.max_frame,
                                  bulk=True) as stream:
                 stream.timeout = self.chunk_timeout
                 if self.upload_pace and not repair:
                     stream.pace(self.upload_pace[part])
-                sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
+                sender = PayloadSender(stream, window_bytes=self.config.window_bytes, timeout=self.chunk_timeout)
                 for a, b in self._chunks(part):
-                    await sender.send(self._compress(("sent", a, b), self.local[a:b]))
+                    await sender.send(self.feedback.compress(("sent", a, b), self.local[a:b]))
                 await sender.finish()
                 while (await stream.recv_msg()) == KEEPALIVE:
                     pass
                 chunks = list(self._chunks(part))
-                async with receive_payload(stream, window_bytes=self.averager.window_bytes,
+                async with receive_payload(stream, window_bytes=self.config.window_bytes,
                                            timeout=self.chunk_timeout) as incoming:
                     i = 0
                     async for blob in incoming:
@@ -225,35 +205,35 @@ class AllReduceRound:
         if not all_finite(self.result[a:b]):
             self._ban(owner, "sent a result with NaN/inf")
             raise ReduceError(f"owner {owner[-8:]} sent a result with NaN/inf")
-        bound = self.averager.max_abs_value  # a mean of in-range values is in range
+        bound = self.config.max_abs_value  # a mean of in-range values is in range
         if bound is not None and max_abs(self.result[a:b]) > bound:
             self._ban(owner, f"sent a result beyond +-{bound:g}")
             raise ReduceError(f"owner {owner[-8:]} sent a result beyond +-{bound:g}")
 
     def _ban(self, peer_id: str, reason: str) -> None:
-        self.averager.bans.ban(peer_id, f"round {self.round_id[-8:]}: {reason}")
+        self.bans.ban(peer_id, f"round {self.round_id[-8:]}: {reason}")
 
     # ------------------------------------------------------------------ owner side (called by the RPC handler)
     async def serve_part(self, stream, sender_id: str, part: int, weight: float, repair: bool) -> None:
         """Receive ``sender_id``'s slice of ``part``, then send back the reduced part."""
         if sender_id not in self.peer_ids or not 0 <= part < len(self.parts):
             raise ValueError(f"{sender_id[-8:]} is not a member of round {self.round_id[-8:]} or part is invalid")
-        with trio.move_on_after(self.chunk_timeout * 2):
+        with trio.move_on_after(self.config.start_timeout):
             await self._event(self.reducer_ready, part).wait()
         reducer = self.reducers.get(part)
         if reducer is None:
             raise ValueError(f"we do not reduce part {part} in round {self.round_id[-8:]}")
-        if self.averager.bans.is_banned(sender_id):  # e.g. banned this round for the NaN result of its own part
+        if self.bans.is_banned(sender_id):  # e.g. banned this round for the NaN result of its own part
             if sender_id in reducer.expected_senders:  # excluded now, rather than awaited until the deadline
                 reducer.exclude(sender_id)
                 self.stats.excluded.add(sender_id)
                 self._poke(part)
-            raise ValueError(f"we do not average with you: {self.averager.bans.why(sender_id)}")
+            raise ValueError(f"we do not average with you: {self.bans.why(sender_id)}")
         start, _ = self.parts[part]
         self.started.setdefault(part, {self.me}).add(sender_id)
         self._poke(part)
         try:
-            async with receive_payload(stream, window_bytes=self.averager.window_bytes,
+            async with receive_payload(stream, window_bytes=self.config.window_bytes,
                                        timeout=self.chunk_timeout) as incoming:
                 for a, b in self._chunks(part):
                     blob = await incoming.__anext__()
@@ -261,7 +241,7 @@ class AllReduceRound:
                         values = self.compression.decompress(blob, b - a)
                     except ValueError as e:
                         raise BadContribution(sender_id, f"undecodable chunk at {a - start}: {e}") from None
-                    bound = self.averager.max_abs_value
+                    bound = self.config.max_abs_value
                     if bound is not None and max_abs(values) > bound:
                         raise BadContribution(sender_id, f"chunk at {a - start} has values beyond +-{bound:g}")
                     reducer.add(sender_id, a - start, values, weight)
@@ -275,21 +255,21 @@ class AllReduceRound:
                 self.stats.excluded.add(sender_id)
                 self._poke(part)
             if isinstance(e, BadContribution):
-                self.averager.bans.ban(sender_id, f"round {self.round_id[-8:]} part {part}: {e.reason}")
+                self.bans.ban(sender_id, f"round {self.round_id[-8:]} part {part}: {e.reason}")
             if isinstance(e, (ReduceError, P2PError, ValueError, StopAsyncIteration)):
                 logger.info("Round %s: excluded %s from part %d: %s", self.round_id[-8:], sender_id[-8:], part,
                             e or type(e).__name__)
             raise
         ready = self._event(self.result_ready, part)
         while not ready.is_set():
-            with trio.move_on_after(self.chunk_timeout / 3):
+            with trio.move_on_after(self.config.keepalive_interval):
                 await ready.wait()
             if not ready.is_set():
                 await stream.send_msg(KEEPALIVE)
         await stream.send_msg(RESULT)
         if self.result_pace and not repair:
             stream.pace(self.result_pace)
-        sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
+        sender = PayloadSender(stream, window_bytes=self.config.window_bytes, timeout=self.chunk_timeout)
         for blob in self.result_bytes[part]:
             await sender.send(blob)
         await sender.finish()
@@ -321,7 +301,7 @@ class AllReduceRound:
         return len(self.have) == len(self.parts)
 
     def _transfer_budget(self) -> float:
-        nbytes = self.compression.bytes_for(self.averager.buffer.numel)
+        nbytes = self.compression.bytes_for(self.local.numel())
         slowest = min((m.bandwidth for m in self.members if m.bandwidth > 0), default=1.0)
         return nbytes / slowest + 2 * self.chunk_timeout
 
@@ -332,8 +312,8 @@ class AllReduceRound:
 
         async def ask(peer_id: str) -> None:
             try:
-                reply = await self.averager.node.call(peer_id, self.averager.service, "status",
-                                                      {"round": self.round_id}, timeout=self.chunk_timeout * 3)
+                reply = await self.node.call(peer_id, self.config.service, "status", {"round": self.round_id},
+                                             timeout=self.config.status_timeout)
                 if isinstance(reply, list):
                     holders[peer_id] = [int(p) for p in reply if isinstance(p, int)]
             except P2PError as e:
@@ -343,7 +323,7 @@ class AllReduceRound:
             for m in self.members:
                 if m.peer_id != self.me and not m.client:
                     nursery.start_soon(ask, m.peer_id)
-        responsive = [p for p in self.peer_ids if p in holders and not self.averager.bans.is_banned(p)]
+        responsive = [p for p in self.peer_ids if p in holders and not self.bans.is_banned(p)]
         self.repair_owner: dict[int, str] = {}
         to_fetch, to_reduce = {}, []
         for j in missing:
@@ -375,13 +355,13 @@ class AllReduceRound:
     async def _fetch(self, part: int, donor: str) -> bool:
         start, end = self.parts[part]
         try:
-            async with open_call(self.averager.node, donor, self.averager.service, "fetch",
+            async with open_call(self.node, donor, self.config.service, "fetch",
                                  {"round": self.round_id, "part": part}, timeout=self.chunk_timeout,
-                                 max_message_bytes=self.averager.max_frame, bulk=True) as stream:
+                                 max_message_bytes=self.config.max_frame, bulk=True) as stream:
                 stream.timeout = self.chunk_timeout
                 view = memoryview(self.result[start:end].numpy()).cast("B")
                 offset = 0
-                async with receive_payload(stream, window_bytes=self.averager.window_bytes,
+                async with receive_payload(stream, window_bytes=self.config.window_bytes,
                                            timeout=self.chunk_timeout, max_bytes=len(view)) as incoming:
                     async for blob in incoming:
                         view[offset:offset + len(blob)] = blob
@@ -401,6 +381,6 @@ class AllReduceRound:
         if part not in self.have:
             raise ValueError(f"we do not hold part {part} of round {self.round_id[-8:]}")
         values = self.part_values(part)
-        sender = PayloadSender(stream, window_bytes=self.averager.window_bytes, timeout=self.chunk_timeout)
+        sender = PayloadSender(stream, window_bytes=self.config.window_bytes, timeout=self.chunk_timeout)
         await sender.send_buffer(memoryview(values.numpy()).cast("B"), chunk_bytes=1 << 20)
         await sender.finish()

@@ -2,7 +2,7 @@
 
 Example (every trainer runs the same)::
 
-    avg = Averager(model.dense_parameters(), dht, prefix="mymodel", target_group_size=4)
+    avg = Averager(model.dense_parameters(), dht, prefix="mymodel", config=AveragerConfig(target_group_size=4))
     result = avg.step(weight=batch_size)      # averages in place; result.ok tells whether it did
     print(result.group_size, result.duration)
 
@@ -13,7 +13,6 @@ tensors are unchanged. Nothing waits without a deadline.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -29,11 +28,13 @@ from p2p.rpc import CallContext
 
 from .allreduce import AllReduceRound
 from .bans import BanList
+from .checks import all_finite, max_abs
 from .compression import choose_compression, default_chunk_elems
-from . import matchmaking
-from .matchmaking import Matchmaker, MatchmakingFailed
+from .config import AveragerConfig
+from .feedback import ErrorFeedback, RoundFeedback
+from .group import Member, RoundConfig
+from .matchmaking import Deadlines, Matchmaker, MatchmakingFailed, group_key as matchmaking_key
 from .partition import FlatBuffer
-from .reduce import all_finite, max_abs
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,32 @@ class StepResult:
     allreduce_s: float = 0.0
 
 
+def round_config(config: AveragerConfig, numel: int, service: str) -> RoundConfig:
+    """How every round of an averager of ``numel`` elements with ``config`` moves data (see RoundConfig).
+
+    The per-chunk deadline, unless given, is 20 times a chunk's transfer at the declared (or nominal)
+    bandwidth, and at least 2 s."""
+    bandwidth = float(config.bandwidth or NOMINAL_BANDWIDTH) * 1e6   # bytes/s
+    compression = choose_compression(numel, config.compression, min_numel_to_compress=4096)
+    chunk_elems = default_chunk_elems(compression, config.chunk_bytes)
+    chunk_s = compression.bytes_for(chunk_elems) / bandwidth
+    return RoundConfig(
+        service=service, compression=compression, chunk_elems=chunk_elems,
+        chunk_timeout=config.chunk_timeout or max(2.0, 20 * chunk_s),
+        max_frame=max(config.chunk_bytes * 2, compression.bytes_for(chunk_elems) + 4096),
+        window_bytes=config.window_bytes, pacing=PACING_SHARE * bandwidth if config.bandwidth is not None else None,
+        clip_tau=config.clip_tau, max_abs_value=config.max_abs_value)
+
+
+def step_timeout(config: AveragerConfig, rounds: RoundConfig, numel: int, deadlines: Deadlines) -> float:
+    """A step's deadline when none is given: matchmaking (gathering, then a follower's join call), the data
+    both ways at our bandwidth, then the slowest sender's start and a repair (a status call and a fetch)."""
+    bandwidth = float(config.bandwidth or NOMINAL_BANDWIDTH) * 1e6
+    matchmaking = config.matchmaking_time + deadlines.join_call_timeout
+    transfer = 2 * rounds.compression.bytes_for(numel) / bandwidth
+    return matchmaking + transfer + rounds.start_timeout + rounds.status_timeout + rounds.chunk_timeout
+
+
 class Averager:
     """Averages ``tensors`` in place with groups of peers found under ``prefix`` in the DHT.
 
@@ -66,82 +93,42 @@ class Averager:
         the other peers' (checked in matchmaking before any data moves).
     :param dht: a running :class:`dht.DHT`; the averager serves its RPCs on the DHT's node.
     :param prefix: name of what is averaged (e.g. the model name); peers with the same prefix average.
-    :param target_group_size: peers per all-reduce group; ``min_group_size``: fewest worth a round.
-    :param compression: "none", "fp16", "int8" or "int4" (8- or 4-bit blockwise); a buffer under 4096 elements in all
-        (16 KB) stays exact, where compressing saves nothing that matters.
-    :param bandwidth: this peer's upload bandwidth in MB/s, if you know it. Parts are sized by it, and the
-        round's bulk transfers are paced to it (Linux kernel pacing, at :data:`PACING_SHARE` of it): the
-        flows to the other members split it in proportion to what each carries, so they finish together
-        instead of fighting over the uplink's queue (``bench/allreduce.py --netns --bandwidth-mbit 100``, 4 peers:
-        all-reduce in 1.07x the bound, against 1.29x unpaced). Declare no more than the link has: pacing
-        never sends faster.
-        None (default): parts are sized as if every member had :data:`NOMINAL_BANDWIDTH`, and nothing is
-        paced. Client-mode peers (behind NAT) contribute but own no part.
-    :param matchmaking_time: how long to wait for peers to show up before averaging with those present.
-    :param chunk_timeout: deadline for each chunk/keepalive exchange; None derives it from the chunk size
-        and bandwidth. A member silent for that long is dropped from the round.
-    :param clip_tau: Byzantine-robust rounds: each part we own is aggregated with CenteredClip of radius
-        ``clip_tau`` (:func:`averaging.robust.centered_clip`) instead of the weighted mean, so one peer moves
-        a part by at most ``clip_tau * its weight / the honest weight`` (L2) however wrong its values are.
-        Pick it above the honest spread of a part (honest contributions within ``clip_tau`` of each other
-        average exactly). None (default): the exact weighted mean.
-    :param max_abs_value: if set, a contribution with any element beyond +-max_abs_value is out of range:
-        excluded from the round and its sender banned, like NaN (pick it well above honest values).
-    :param error_feedback: with a lossy ``compression``, remember what each chunk of our contributions and
-        of the parts we reduce lost to compression, and add it to the same chunk next round (EF-SGD), so
-        quantization errors cancel over rounds instead of accumulating. Meant for averaging updates (DiLoCo
-        pseudo-gradients, gradients), not parameters. Kept only across successful rounds.
-    :param ban_seconds: how long a peer that sent NaN/inf, out-of-range or undecodable data is refused
-        (:mod:`averaging.bans`); 0 disables banning (such data is still excluded from the round).
+    :param config: how groups form and rounds run (:class:`~averaging.config.AveragerConfig`: group size,
+        compression, declared bandwidth, deadlines, robust aggregation, error feedback, bans).
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], dht: DHT, prefix: str, *, target_group_size: int = 4,
-                 min_group_size: int = 2, compression: str = "none", bandwidth: float | None = None,
-                 matchmaking_time: float = 3.0, chunk_timeout: float | None = None,
-                 round_timeout: float | None = None, chunk_bytes: int = 1 << 20, window_bytes: int = 8 << 20,
-                 clip_tau: float | None = None, max_abs_value: float | None = None, ban_seconds: float = 600.0,
-                 error_feedback: bool = False):
+    def __init__(self, tensors: Sequence[torch.Tensor], dht: DHT, prefix: str, config: AveragerConfig | None = None):
         if "/" in prefix or not prefix:
             raise ValueError(f"prefix must be non-empty and contain no '/': {prefix!r}")
-        if not 2 <= min_group_size <= target_group_size:
-            raise ValueError("need 2 <= min_group_size <= target_group_size")
-        if bandwidth is not None and not (bandwidth > 0 and math.isfinite(bandwidth)):
-            raise ValueError("bandwidth must be a positive number of MB/s (or None: not declared)")
-        if clip_tau is not None and not (math.isfinite(clip_tau) and clip_tau > 0):
-            raise ValueError(f"clip_tau must be a positive finite number, got {clip_tau!r}")
-        if max_abs_value is not None and not max_abs_value > 0:
-            raise ValueError(f"max_abs_value must be > 0, got {max_abs_value!r}")
-        self.clip_tau, self.max_abs_value = clip_tau, max_abs_value
-        self.feedback: dict[tuple, torch.Tensor] | None = {} if error_feedback else None
-        self.bans = BanList(ban_seconds)
+        self.config = c = config or AveragerConfig()
+        self.feedback = ErrorFeedback() if c.error_feedback else None
+        self.bans = BanList(c.ban_seconds)
         self.dht, self.node, self.prefix = dht, dht.node, prefix
         self.peer_id, self.client_mode = dht.peer_id, dht.client_mode
-        self.target_group_size, self.min_group_size = target_group_size, min_group_size
-        self.bandwidth = float(bandwidth or NOMINAL_BANDWIDTH) * 1e6   # bytes/s
-        self.pacing = PACING_SHARE * self.bandwidth if bandwidth is not None else None
-        self.matchmaking_time = matchmaking_time
+        self.bandwidth = float(c.bandwidth or NOMINAL_BANDWIDTH) * 1e6   # bytes/s
         self.buffer = FlatBuffer(tensors)
         self.results = [torch.empty_like(self.buffer.buffer), torch.empty_like(self.buffer.buffer)]
-        self.compression = choose_compression(self.buffer.numel, compression, min_numel_to_compress=4096)
-        self.chunk_elems = default_chunk_elems(self.compression, chunk_bytes)
-        self.window_bytes = window_bytes
-        self.max_frame = max(chunk_bytes * 2, self.compression.bytes_for(self.chunk_elems) + 4096)
-        chunk_s = self.compression.bytes_for(self.chunk_elems) / self.bandwidth
-        self.chunk_timeout = chunk_timeout or max(2.0, 20 * chunk_s)
-        self.round_timeout = round_timeout
-        self.signature_text = repr(self.buffer.signature())
-        self.signature_hash = hashlib.sha256(self.signature_text.encode()).hexdigest()[:16]
-        self.service = f"averager.{prefix}"
-        self.matchmaker = Matchmaker(self)
+        self.round_config = round_config(c, self.buffer.numel, f"averager.{prefix}")
+        signature = self.buffer.signature()
+        self.matchmaker = Matchmaker(dht, self.round_config.service, prefix,
+                                     Member(self.peer_id, self.bandwidth, self.client_mode), repr(signature),
+                                     self.bans, target_group_size=c.target_group_size,
+                                     min_group_size=c.min_group_size, matchmaking_time=c.matchmaking_time)
         self.rounds: dict[str, AllReduceRound] = {}
         self._registered: dict[str, trio.Event] = {}
         self._step_lock = trio.Lock()
         self.steps = 0
         if not self.client_mode:
-            self.node.serve(self.service, {"join": self._rpc_join, "part": self._rpc_part,
-                                           "status": self._rpc_status, "fetch": self._rpc_fetch},
-                            limits=ServiceLimits(max_message_bytes=self.max_frame, max_concurrent_per_peer=16,
-                                                 handler_timeout=3600.0, read_timeout=self.chunk_timeout))
+            self.node.serve(self.round_config.service, {"join": self._rpc_join, "part": self._rpc_part,
+                                                        "status": self._rpc_status, "fetch": self._rpc_fetch},
+                            limits=ServiceLimits(max_message_bytes=self.round_config.max_frame,
+                                                 max_concurrent_per_peer=16, handler_timeout=3600.0,
+                                                 read_timeout=self.round_config.chunk_timeout))
+
+    @property
+    def compression(self):
+        """How this averager's rounds encode what they send (:mod:`averaging.compression`)."""
+        return self.round_config.compression
 
     @property
     def result(self) -> torch.Tensor:
@@ -172,22 +159,23 @@ class Averager:
             local = self.buffer.load_from_tensors()
             if not all_finite(local):
                 raise ValueError("our own tensors contain NaN/Inf; refusing to average them into the group")
-            if self.max_abs_value is not None and max_abs(local) > self.max_abs_value:
-                raise ValueError(f"our own tensors have values beyond +-{self.max_abs_value:g} (max_abs_value); "
+            bound = self.round_config.max_abs_value
+            if bound is not None and max_abs(local) > bound:
+                raise ValueError(f"our own tensors have values beyond +-{bound:g} (max_abs_value); "
                                  f"the group would ban us")
             budget = timeout or self._default_timeout()
             result = StepResult(ok=False)
             round_ = None
             with trio.move_on_after(budget) as scope:
                 try:
-                    round_id, members = await self.matchmaker.form_group(group_key or matchmaking.group_key(self.prefix), group_size)
+                    round_id, members = await self.matchmaker.form_group(group_key or matchmaking_key(self.prefix), group_size)
                 except MatchmakingFailed as e:
                     result.reason = f"matchmaking failed: {e}"
                     return self._finish(result, started)
                 group_formed = trio.current_time()
                 result.matchmaking_s = group_formed - started
-                round_ = AllReduceRound(self, round_id, members, float(weight), self.compression, self.chunk_elems,
-                                        self.chunk_timeout)
+                round_ = AllReduceRound(self.node, self.round_config, round_id, members, self.peer_id, float(weight),
+                                        local, self.result, self.bans, RoundFeedback(self.feedback, self.compression))
                 self.rounds[round_id] = round_
                 self._registered.setdefault(round_id, trio.Event()).set()
                 result.ok = await round_.run()
@@ -210,28 +198,12 @@ class Averager:
             elif result.ok:
                 self.buffer.buffer.copy_(self.result)
                 self.buffer.store_to_tensors()
-            if result.ok and self.feedback is not None:
-                self._keep_feedback(round_.residuals)
+            if result.ok:
+                round_.feedback.adopt()
             return self._finish(result, started)
 
-    def _keep_feedback(self, staged: dict[tuple, torch.Tensor | None]) -> None:
-        """Adopt a successful round's error-feedback residuals, keyed ``(kind, first, end)`` by element range.
-
-        A slot the round did not touch keeps its residual (next round we may send that range again);
-        one it used up (None) is dropped, and so is any old slot that overlaps a new one without being
-        the same range (the group, hence the part layout, changed): at most one residual per element."""
-        for key, residual in staged.items():
-            kind, a, b = key
-            for old in [k for k in self.feedback if k[0] == kind and k != key and k[1] < b and a < k[2]]:
-                del self.feedback[old]
-            if residual is None:
-                self.feedback.pop(key, None)
-            else:
-                self.feedback[key] = residual
-
     def _default_timeout(self) -> float:
-        transfer = 2 * self.compression.bytes_for(self.buffer.numel) / self.bandwidth
-        return self.matchmaking_time * 3 + transfer + 6 * self.chunk_timeout + 5.0
+        return step_timeout(self.config, self.round_config, self.buffer.numel, self.matchmaker.deadlines)
 
     def _finish(self, result: StepResult, started: float) -> StepResult:
         result.duration = trio.current_time() - started
@@ -244,7 +216,7 @@ class Averager:
     @property
     def linger(self) -> float:
         """How long a finished round stays available to members that still repair from it."""
-        return 4 * self.chunk_timeout
+        return self.round_config.linger
 
     async def _forget_round(self, round_id: str) -> None:
         await trio.sleep(self.linger)
@@ -265,7 +237,7 @@ class Averager:
         if not isinstance(args, dict) or not isinstance(args.get("round"), str):
             raise ValueError("request must name a round")
         event = self._registered.setdefault(args["round"], trio.Event())
-        with trio.move_on_after(self.chunk_timeout):
+        with trio.move_on_after(self.round_config.chunk_timeout):
             await event.wait()
         round_ = self.rounds.get(args["round"])
         if round_ is None:
@@ -288,7 +260,7 @@ class Averager:
         round_ = await self._round(args)
         if ctx.peer_id not in round_.peer_ids:
             raise ValueError("not a member of this round")
-        with trio.move_on_after(round_.chunk_timeout * 2):
+        with trio.move_on_after(self.round_config.start_timeout):
             await round_.phase1_done.wait()
         return round_.status()
 

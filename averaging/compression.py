@@ -11,7 +11,7 @@ Every compression turns a chunk into ``bytes`` and back:
 Each compression knows the exact size of its output for a given number of elements
 (:meth:`Compression.bytes_for`), so a receiver can pre-size buffers and validate what arrives.
 :func:`choose_compression` keeps small tensors uncompressed; error feedback over rounds lives in the
-averager (``Averager(error_feedback=True)``).
+averager (``AveragerConfig(error_feedback=True)``).
 
 Byte order: all multi-byte fields are in the machine's native byte order, which is little-endian on
 every platform we support (x86-64, aarch64); a big-endian host is rejected at import time.
@@ -282,7 +282,7 @@ class Uint4BlockwiseCompression(Uint8BlockwiseCompression):
     algorithm with codes ``0..15`` (``step = half_span / 7.5``, error at most ``(hi - lo) / 15 / 2`` per element),
     two codes per byte (element ``2i`` in the low nibble, ``2i + 1`` in the high one).
 
-    Meant for DiLoCo's pseudo-gradients, with error feedback (``Averager(error_feedback=True)``) so what one round loses
+    Meant for DiLoCo's pseudo-gradients, with error feedback (``AveragerConfig(error_feedback=True)``) so what one round loses
     is sent in the next. Wire layout: ``center: float32[b] | step: float32[b] | codes: uint8[ceil(n / 2)]``.
     """
 

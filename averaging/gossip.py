@@ -80,7 +80,7 @@ class Gossip:
         """Publish our sampled coordinates (for disagreement estimates) for a few seconds."""
         self.av.buffer.load_from_tensors()
         values = self.av.buffer.buffer[self.sample_index].tolist()
-        ttl = max(10.0, 4 * self.av.matchmaking_time)
+        ttl = max(10.0, 4 * self.av.config.matchmaking_time)
         record = self.av.dht.make_record(f"{self.key}.samples", values, get_dht_time() + ttl, subkey=self.av.peer_id)
         await self.av.dht.astore_many([record], republish=False)
 

@@ -26,17 +26,15 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from dht import get_dht_time
+from dht import DHT, get_dht_time
 from p2p import P2PError, RemoteError
 
-from .allreduce import Member
-
-if TYPE_CHECKING:
-    from .averager import Averager
+from .bans import BanList
+from .group import Member
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +46,40 @@ def group_key(prefix: str) -> str:
 
 MAX_REDIRECTS = 3
 MAX_POLL_S = 0.5        # longest pause between two lookups of the group key while gathering
+INITIAL_RTT = 0.05      # seconds; a join round trip before any was measured
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Every wait of matchmaking, derived from ``matchmaking_time`` and the measured join round trip ``rtt``."""
+
+    matchmaking_time: float
+    rtt: float = INITIAL_RTT
+
+    @property
+    def join_margin(self) -> float:
+        """Round trips allowed for followers whose gathering ended just after the leader's (their join calls)."""
+        return 10 * self.rtt
+
+    @property
+    def join_window(self) -> float:
+        """How long a leader accepts joins: the gathering time, plus :attr:`join_margin`."""
+        return self.matchmaking_time + self.join_margin
+
+    @property
+    def join_call_timeout(self) -> float:
+        """A follower's join call: the leader may still be gathering, then holds its window open; 1 s for the call."""
+        return 2 * self.join_window + 1.0
+
+    @property
+    def announcement_ttl(self) -> float:
+        """How long an announcement lives: through our gathering and a leader's join window."""
+        return 2 * self.matchmaking_time + 5 * self.rtt
+
+    @property
+    def stale_after(self) -> float:
+        """Announcements older than this before ours are from an earlier round (1 s for clock skew)."""
+        return 2 * self.matchmaking_time + 1.0
 
 
 class MatchmakingFailed(RuntimeError):
@@ -69,59 +101,73 @@ class Gathering:
 
 
 class Matchmaker:
-    """Forms groups for one :class:`~averaging.averager.Averager`; also serves its ``join`` RPC."""
+    """Forms groups for one averager; also serves its ``join`` RPC (the averager routes it here).
 
-    def __init__(self, averager: "Averager"):
-        self.av = averager
+    :param dht: the running DHT to announce in and read from; ``service``: the averager's RPC service.
+    :param prefix: names the rounds this matchmaker's groups run.
+    :param me: this peer as it announces itself (its bandwidth, whether it is in client mode).
+    :param signature: text describing our tensors' shapes and dtypes; peers announcing another are refused.
+    :param bans: peers we neither lead nor follow.
+    """
+
+    def __init__(self, dht: DHT, service: str, prefix: str, me: Member, signature: str, bans: BanList, *,
+                 target_group_size: int, min_group_size: int, matchmaking_time: float):
+        self.dht, self.service, self.prefix, self.me, self.bans = dht, service, prefix, me, bans
+        self.signature_text, self.signature_hash = signature, hashlib.sha256(signature.encode()).hexdigest()[:16]
+        self.target_group_size, self.min_group_size = target_group_size, min_group_size
+        self.matchmaking_time = matchmaking_time
         self.gathering: Gathering | None = None
         self.following: str | None = None
         self.decided = trio.Event()
-        self.rtt = 0.05  # seconds; refined from measured join round trips
-        self.group_size = averager.target_group_size
+        self.rtt = INITIAL_RTT  # refined from measured join round trips
+        self.group_size = target_group_size
         self.mismatched: set[str] = set()  # peers seen in the last gathering whose tensors differ from ours
+
+    @property
+    def deadlines(self) -> "Deadlines":
+        """Every wait of matchmaking, from ``matchmaking_time`` and the round trips measured so far."""
+        return Deadlines(self.matchmaking_time, self.rtt)
 
     # ------------------------------------------------------------------ one matchmaking attempt
     async def form_group(self, group_key: str, group_size: int | None = None) -> tuple[str, list[Member]]:
         """Run steps 1-5 of the module docstring under ``group_key``; returns (round id, members)."""
-        av = self.av
-        self.group_size = group_size or av.target_group_size
+        me = self.me
+        self.group_size = group_size or self.target_group_size
         self.gathering, self.following, self.decided = None, None, trio.Event()
-        me = Member(av.peer_id, av.bandwidth, av.client_mode)
         announced_at = get_dht_time()
-        expiration = announced_at + av.matchmaking_time * 2 + 5 * self.rtt
-        entry = {"bw": av.bandwidth, "client": av.client_mode, "sig": av.signature_hash, "t": announced_at}
-        await av.dht.astore_many([av.dht.make_record(group_key, entry, expiration, subkey=av.peer_id)],
-                                 republish=False)
+        expiration = announced_at + self.deadlines.announcement_ttl
+        entry = {"bw": me.bandwidth, "client": me.client, "sig": self.signature_hash, "t": announced_at}
+        await self.dht.astore_many([self.dht.make_record(group_key, entry, expiration, subkey=me.peer_id)],
+                                   republish=False)
         try:
             candidates = await self._gather(group_key, announced_at)
-            if len(candidates) < av.min_group_size and self.mismatched:
+            if len(candidates) < self.min_group_size and self.mismatched:
                 # nobody to average with but peers whose tensors differ: say so now, before any data moves
                 raise SignatureMismatch(f"tensors differ: {len(self.mismatched)} peer(s) under {group_key!r} "
                                         f"(e.g. {next(iter(self.mismatched))[-8:]}) average other shapes/dtypes; "
-                                        f"ours are {av.signature_text}")
+                                        f"ours are {self.signature_text}")
             group = self._my_group(candidates)
             leader = next((m for m in group if not m.client), None)
             if leader is None:
                 raise MatchmakingFailed("no peer in our group accepts connections (all are in client mode)")
-            if leader.peer_id == av.peer_id:
+            if leader.peer_id == me.peer_id:
                 return await self._lead(group, announced_at)
             self.following = leader.peer_id
             self.decided.set()
             return await self._join(leader.peer_id, me)
         finally:
             self.decided.set()
-            tombstone = av.dht.make_record(group_key, {"done": True, "sig": av.signature_hash, "t": announced_at},
-                                           expiration + 1e-3, subkey=av.peer_id)
-            av.node.spawn(lambda: av.dht.astore_many([tombstone], republish=False))
+            tombstone = self.dht.make_record(group_key, {"done": True, "sig": self.signature_hash, "t": announced_at},
+                                             expiration + 1e-3, subkey=me.peer_id)
+            self.dht.node.spawn(lambda: self.dht.astore_many([tombstone], republish=False))
 
     async def _gather(self, group_key: str, announced_at: float) -> list[tuple[float, str, Member]]:
-        av = self.av
-        deadline = trio.current_time() + av.matchmaking_time
+        deadline = trio.current_time() + self.matchmaking_time
         candidates: list[tuple[float, str, Member]] = []
         pause = 0.0
         while True:
             asked = trio.current_time()
-            found = await av.dht.aget(group_key, latest=True)
+            found = await self.dht.aget(group_key, latest=True)
             candidates = self._parse(found, announced_at)
             if len(candidates) >= self.group_size or trio.current_time() >= deadline:
                 return candidates
@@ -139,18 +185,18 @@ class Matchmaker:
             if not isinstance(peer_id, str) or not isinstance(value, dict):
                 continue
             t, bw = value.get("t"), value.get("bw")
-            if not isinstance(t, (int, float)) or t < announced_at - 2 * self.av.matchmaking_time - 1.0:
+            if not isinstance(t, (int, float)) or t < announced_at - self.deadlines.stale_after:
                 continue  # malformed, or a stale announcement from an earlier round
-            if self.av.bans.is_banned(peer_id):
+            if self.bans.is_banned(peer_id):
                 continue  # it sent us garbage recently: we neither lead nor follow it
-            if value.get("sig") != self.av.signature_hash:
+            if value.get("sig") != self.signature_hash:
                 self.mismatched.add(peer_id)  # also from a tombstone: that peer was here just now
                 continue
             if value.get("done") or not isinstance(bw, (int, float)) or bw < 0:
                 continue
             out.append((float(t), peer_id, Member(peer_id, float(bw), bool(value.get("client", False)))))
-        if self.av.peer_id not in {p for _, p, _ in out}:
-            out.append((announced_at, self.av.peer_id, Member(self.av.peer_id, self.av.bandwidth, self.av.client_mode)))
+        if self.me.peer_id not in {p for _, p, _ in out}:
+            out.append((announced_at, self.me.peer_id, self.me))
         return sorted(out)
 
     def _my_group(self, candidates: list[tuple[float, str, Member]]) -> list[Member]:
@@ -161,15 +207,14 @@ class Matchmaker:
         ranked = sorted(candidates, key=lambda c: hashlib.sha256(seed + c[1].encode()).digest())
         members = [m for _, _, m in ranked]
         for a, b in zip(bounds, bounds[1:]):
-            if any(m.peer_id == self.av.peer_id for m in members[a:b]):
+            if any(m.peer_id == self.me.peer_id for m in members[a:b]):
                 return members[a:b]
         raise AssertionError("we are always among our own candidates")
 
     async def _lead(self, group: list[Member], announced_at: float) -> tuple[str, list[Member]]:
-        av = self.av
-        me = next(m for m in group if m.peer_id == av.peer_id)
-        window = av.matchmaking_time + 10 * self.rtt
-        g = Gathering(round_id=f"{av.prefix}|{av.peer_id[-12:]}|{os.urandom(6).hex()}",
+        me = next(m for m in group if m.peer_id == self.me.peer_id)
+        window = self.deadlines.join_window
+        g = Gathering(round_id=f"{self.prefix}|{me.peer_id[-12:]}|{os.urandom(6).hex()}",
                       expected={m.peer_id for m in group}, members=[me], capacity=self.group_size,
                       deadline=trio.current_time() + window)
         self.gathering = g
@@ -178,8 +223,8 @@ class Matchmaker:
             while not g.expected <= {m.peer_id for m in g.members} and len(g.members) < g.capacity:
                 await g.changed.wait()
                 g.changed = trio.Event()
-        if len(g.members) < av.min_group_size:
-            g.failed = f"only {len(g.members)} of the required {av.min_group_size} peers joined"
+        if len(g.members) < self.min_group_size:
+            g.failed = f"only {len(g.members)} of the required {self.min_group_size} peers joined"
         g.done.set()
         if g.failed:
             raise MatchmakingFailed(g.failed)
@@ -190,13 +235,12 @@ class Matchmaker:
         return [members[0]] + sorted(members[1:], key=lambda m: m.peer_id)
 
     async def _join(self, leader: str, me: Member) -> tuple[str, list[Member]]:
-        av = self.av
-        args = {"sig": av.signature_hash, "bw": me.bandwidth, "client": me.client}
+        args = {"sig": self.signature_hash, "bw": me.bandwidth, "client": me.client}
         for _ in range(MAX_REDIRECTS):
             started = trio.current_time()
             try:
-                reply = await av.node.call(leader, av.service, "join", args,
-                                           timeout=2 * av.matchmaking_time + 20 * self.rtt + 1.0)
+                reply = await self.dht.node.call(leader, self.service, "join", args,
+                                                 timeout=self.deadlines.join_call_timeout)
             except RemoteError as e:
                 if e.remote_type == "SignatureMismatch":
                     raise ValueError(f"cannot average with group of {leader[-8:]}: {e.remote_message}") from None
@@ -205,7 +249,7 @@ class Matchmaker:
                 raise MatchmakingFailed(f"leader {leader[-8:]} unreachable: {e}") from None
             if isinstance(reply, dict) and isinstance(reply.get("redirect"), str):
                 leader = reply["redirect"]
-                if leader == av.peer_id:  # the peer we follow follows us: a stale choice on one side
+                if leader == me.peer_id:  # the peer we follow follows us: a stale choice on one side
                     raise MatchmakingFailed("redirected to ourselves: leaders disagree, retrying next round")
                 continue
             try:
@@ -213,7 +257,7 @@ class Matchmaker:
                 round_id = str(reply["round"])
             except (KeyError, TypeError, ValueError):
                 raise MatchmakingFailed(f"malformed join reply from {leader[-8:]}") from None
-            if av.peer_id not in [m.peer_id for m in members]:
+            if me.peer_id not in [m.peer_id for m in members]:
                 raise MatchmakingFailed("the leader's group does not include us")
             self.rtt = 0.8 * self.rtt + 0.2 * min(trio.current_time() - started, 1.0) / 10
             return round_id, members
@@ -221,14 +265,13 @@ class Matchmaker:
 
     # ------------------------------------------------------------------ leader side RPC
     async def rpc_join(self, peer_id: str, args: Any) -> dict:
-        av = self.av
         if not isinstance(args, dict) or not isinstance(args.get("bw"), (int, float)):
             raise ValueError("join needs {'sig', 'bw', 'client'}")
-        if av.bans.is_banned(peer_id):
-            raise MatchmakingFailed(f"we do not average with you: {av.bans.why(peer_id)}")
-        if args.get("sig") != av.signature_hash:
-            raise SignatureMismatch(f"tensors differ: ours are {av.signature_text}")
-        with trio.move_on_after(av.matchmaking_time + 10 * self.rtt):
+        if self.bans.is_banned(peer_id):
+            raise MatchmakingFailed(f"we do not average with you: {self.bans.why(peer_id)}")
+        if args.get("sig") != self.signature_hash:
+            raise SignatureMismatch(f"tensors differ: ours are {self.signature_text}")
+        with trio.move_on_after(self.deadlines.join_window):
             await self.decided.wait()
         g = self.gathering
         if g is None:
@@ -240,7 +283,7 @@ class Matchmaker:
         if peer_id not in {m.peer_id for m in g.members}:
             g.members.append(Member(peer_id, float(args["bw"]), bool(args.get("client", False))))
             g.changed.set()
-        with trio.move_on_after(max(g.deadline - trio.current_time(), 0) + 10 * self.rtt):
+        with trio.move_on_after(max(g.deadline - trio.current_time(), 0) + self.deadlines.join_margin):
             await g.done.wait()
         if g.failed or not g.done.is_set():
             raise MatchmakingFailed(g.failed or "group did not form in time")

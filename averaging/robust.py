@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .reduce import all_finite
+from .checks import all_finite
 
 logger = logging.getLogger(__name__)
 

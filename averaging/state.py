@@ -42,7 +42,7 @@ from p2p.framing import FramedStream
 from p2p.rpc import read_reply
 from p2p.streams import receive_payload, send_bytes
 
-from .reduce import all_finite
+from .checks import all_finite
 from .state_format import MIN_BLOB_BYTES, StateFormatError, check_step, decode_state, encode_state, piece_hashes, \
     state_digest
 

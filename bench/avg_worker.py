@@ -10,6 +10,7 @@ but every chunk it sends, contributions and reduced results alike, is NaN.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # our packages before bench/dht.py
 
-from averaging import Averager
+from averaging import Averager, AveragerConfig
 from dht import DHT
 from p2p import setup_logging
 
@@ -61,7 +62,7 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply our contribution (a Byzantine peer)")
     p.add_argument("--clip-tau", type=float, default=None, help="CenteredClip radius (robust rounds)")
     p.add_argument("--client-mode", action="store_true")
-    p.add_argument("--error-feedback", action="store_true", help="Averager(error_feedback=True)")
+    p.add_argument("--error-feedback", action="store_true", help="AveragerConfig(error_feedback=True)")
     p.add_argument("--no-bulk", action="store_true", help="no bulk data plane: all data on libp2p streams")
     p.add_argument("--same-contribution", action="store_true",
                    help="every round contributes the original tensor again; --out saves the mean of the results")
@@ -79,13 +80,13 @@ def main() -> None:
         tensor[::7] = float("nan")
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
               client_mode=args.client_mode, bulk_port=None if args.no_bulk else 0)
-    averager = Averager([tensor], dht, "bench", target_group_size=args.group, min_group_size=args.min_group,
-                        compression=args.compression, bandwidth=args.bandwidth,
-                        matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout,
-                        clip_tau=args.clip_tau, ban_seconds=args.ban_seconds,
-                        max_abs_value=args.max_abs_value, error_feedback=args.error_feedback)
+    averager = Averager([tensor], dht, "bench", AveragerConfig(
+        target_group_size=args.group, min_group_size=args.min_group, compression=args.compression,
+        bandwidth=args.bandwidth, matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout,
+        clip_tau=args.clip_tau, ban_seconds=args.ban_seconds, max_abs_value=args.max_abs_value,
+        error_feedback=args.error_feedback))
     if args.garbage:
-        averager.compression = NaNSender(averager.compression)
+        averager.round_config = dataclasses.replace(averager.round_config, compression=NaNSender(averager.compression))
     print(json.dumps({"peer_id": dht.peer_id, "addrs": dht.addrs}), flush=True)
     if args.start_at < 0:
         sys.stdin.readline()

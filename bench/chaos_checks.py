@@ -31,7 +31,6 @@ import re
 import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 
 AVERAGING_LINE = re.compile(r"Averaging step (\d+): (ok|FAILED) with (\d+) peers in ([\d.]+)s")
 LOSS_LINE = re.compile(r"step (\d+): train loss (\S+), eval loss (\S+?),")
@@ -64,24 +63,21 @@ def dense_numel(model: str = "tiny") -> int:
 
 def averaging_deadline_s(numel: int) -> float:
     """The budget ``Averager.step`` gives itself for ``numel`` float32 values with the trainer's settings."""
-    from averaging.averager import NOMINAL_BANDWIDTH, Averager
-    from averaging.compression import choose_compression, default_chunk_elems
+    from averaging.averager import round_config, step_timeout
+    from averaging.config import AveragerConfig
+    from averaging.matchmaking import Deadlines
     from peer.training.trainer import TrainConfig
 
-    config = TrainConfig()
-    compression = choose_compression(numel, config.compression)
-    bandwidth = NOMINAL_BANDWIDTH * 1e6         # what Averager assumes when none is declared (as here)
-    chunk_s = compression.bytes_for(default_chunk_elems(compression)) / bandwidth
-    fake = SimpleNamespace(compression=compression, buffer=SimpleNamespace(numel=numel), bandwidth=bandwidth,
-                           matchmaking_time=config.matchmaking_time, chunk_timeout=max(2.0, 20 * chunk_s))
-    return Averager._default_timeout(fake)   # the very formula Averager.astep uses
+    train = TrainConfig()
+    config = AveragerConfig(compression=train.compression, matchmaking_time=train.matchmaking_time)
+    return step_timeout(config, round_config(config, numel, "chaos"), numel, Deadlines(config.matchmaking_time))
 
 
 def derive_bounds(model: str = "tiny") -> dict:
     """Graces and deadlines, in seconds, from the defaults of the code under test.
 
-    * ``averaging_deadline_s``: ``Averager``'s own budget for one step (3 x matchmaking time + transfer at
-      the declared bandwidth + 6 chunk deadlines + 5 s; 23 s for the tiny model); a logged step may exceed
+    * ``averaging_deadline_s``: ``Averager``'s own budget for one step (averaging.averager.step_timeout:
+      matchmaking, the transfer at the declared bandwidth, a start and a repair's deadlines); a logged step may exceed
       it by ``averaging_slack_s`` (logging, a loaded CPU), unless the trainer itself was faulted meanwhile;
     * ``step_bound_s``: the longest a running trainer may go without training progress (a sample, a loss
       or averaging line): one step whose every layer waits out the forward and backward deadline of an

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from averaging import Averager, Gossip
+from averaging import Averager, AveragerConfig, Gossip
 from dht import DHT
 
 WORKER = """
@@ -16,10 +16,10 @@ import sys, time, torch
 sys.path.insert(0, {root!r})
 from p2p import setup_logging; setup_logging("WARNING")
 from dht import DHT
-from averaging import Averager, Gossip
+from averaging import Averager, AveragerConfig, Gossip
 dht = DHT(initial_peers=[{boot!r}])
 t = torch.randn(20000, generator=torch.Generator().manual_seed({seed})) * 10
-gossip = Gossip(Averager([t], dht, "gossiptest", target_group_size=2, matchmaking_time=0.5))
+gossip = Gossip(Averager([t], dht, "gossiptest", AveragerConfig(target_group_size=2, matchmaking_time=0.5)))
 gossip.start()
 print("started", flush=True)
 sys.stdin.readline()  # gossip until the test says stop (or dies)
@@ -44,7 +44,7 @@ def test_gossip_drives_disagreement_down(tmp_path):
         for p in procs:
             assert p.stdout.readline().strip() == "started"
         # a passive observer that reads the published samples (it does not gossip itself)
-        observer = Gossip(Averager([observer_tensor], boot, "gossiptest", target_group_size=2))
+        observer = Gossip(Averager([observer_tensor], boot, "gossiptest", AveragerConfig(target_group_size=2)))
         first = None
         deadline = time.monotonic() + 150
         while first is None and time.monotonic() < deadline:

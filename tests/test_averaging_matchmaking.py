@@ -4,8 +4,8 @@ import functools
 import pytest
 import torch
 
-from averaging import Averager, MatchmakingFailed
-from averaging.allreduce import Member
+from averaging import Averager, AveragerConfig, MatchmakingFailed
+from averaging.group import Member
 from dht import DHT
 
 # A "leader" whose join answer redirects the caller to the caller itself: what happens when two peers
@@ -27,7 +27,7 @@ def test_a_redirect_back_to_ourselves_is_a_failed_round_not_an_error(python_proc
     addr = leader.expect("ADDR ", timeout=60)
     dht = DHT(initial_peers=[addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
-        averager = Averager([torch.zeros(4)], dht, "loop", matchmaking_time=1)
+        averager = Averager([torch.zeros(4)], dht, "loop", AveragerConfig(matchmaking_time=1))
         me = Member(dht.peer_id, averager.bandwidth, False)
         join = functools.partial(averager.matchmaker._join, addr.rsplit("/", 1)[1], me)
         with pytest.raises(MatchmakingFailed, match="redirected to ourselves"):

@@ -123,13 +123,13 @@ SERVER = r"""
 import sys, torch
 from p2p import setup_logging
 setup_logging("INFO")
-from averaging import Averager
+from averaging import Averager, AveragerConfig
 from averaging.state import StateSharer
 from dht import DHT
 from peer.hosting.server import ExpertServer, create_experts
 dht = DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 server = ExpertServer(dht, create_experts("ffn", ["ffn.0.0"], 16, seed=0))
-averager = Averager([torch.zeros(64)], dht, "fuzz", target_group_size=2, matchmaking_time=1)
+averager = Averager([torch.zeros(64)], dht, "fuzz", AveragerConfig(target_group_size=2, matchmaking_time=1))
 sharer = StateSharer(dht, "fuzz", lambda: ({"step": 1}, [torch.ones(8)]), announce_interval=5)
 print("ADDR", dht.addrs[0], flush=True)
 sys.stdin.readline()

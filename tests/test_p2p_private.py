@@ -12,7 +12,7 @@ import secrets
 import pytest
 import torch
 
-from averaging import Averager
+from averaging import Averager, AveragerConfig
 from dht import DHT, get_dht_time
 from dht.dht import DHTBootstrapError
 from p2p import P2PError, peer_id_of
@@ -23,13 +23,13 @@ SERVER = r"""
 import json, sys, torch
 from p2p import setup_logging
 setup_logging("INFO")
-from averaging import Averager
+from averaging import Averager, AveragerConfig
 from dht import DHT
 from peer.hosting.server import ExpertServer, create_experts
 cfg = json.loads(%r)
 dht = DHT(psk=cfg["psk"], allowed_peers=cfg["allowed"], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 server = ExpertServer(dht, create_experts("ffn", ["ffn.0.0"], 16, seed=0))
-averager = Averager([torch.zeros(8)], dht, "private", target_group_size=2, matchmaking_time=2)
+averager = Averager([torch.zeros(8)], dht, "private", AveragerConfig(target_group_size=2, matchmaking_time=2))
 print("ADDR", dht.addrs[0], flush=True)
 sys.stdin.readline()
 """
@@ -70,8 +70,8 @@ def test_an_outsider_with_the_key_can_use_no_service(private_server):
         expert = RemoteExpert("ffn.0.0", server_id, outsider.node)
         with pytest.raises(P2PError):
             expert(torch.randn(2, 16))
-        averager = Averager([torch.ones(8)], outsider, "private", target_group_size=2, min_group_size=2,
-                            matchmaking_time=2)
+        averager = Averager([torch.ones(8)], outsider, "private",
+                            AveragerConfig(target_group_size=2, min_group_size=2, matchmaking_time=2))
         result = averager.step(timeout=15)
         assert not result.ok and result.group_size == 0, result
         averager.shutdown()

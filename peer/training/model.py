@@ -19,7 +19,7 @@ Contract for a ``make_moe`` layer:
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

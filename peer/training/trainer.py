@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from averaging import Averager
+from averaging import Averager, AveragerConfig
 from averaging.state import StateDownloadError, StateSharer, download_state
 from dht import DHT, get_dht_time
 
@@ -118,10 +118,9 @@ class Trainer:
             for p in self.dense:
                 p.grad = torch.zeros_like(p)
             sync_tensors = [p.grad for p in self.dense]
-        self.averager = Averager(sync_tensors, dht, self.prefix, target_group_size=config.group_size,
-                                 compression=config.compression, matchmaking_time=config.matchmaking_time,
-                                 bandwidth=config.bandwidth,
-                                 error_feedback=config.sync == "diloco")
+        self.averager = Averager(sync_tensors, dht, self.prefix, AveragerConfig(
+            target_group_size=config.group_size, compression=config.compression,
+            matchmaking_time=config.matchmaking_time, bandwidth=config.bandwidth, error_feedback=config.sync == "diloco"))
         self.step = self.samples = self.samples_since_sync = 0
         self.rounds_ok = self.rounds_failed = 0
         self.skipped_steps = 0  # batches skipped because too few experts answered
