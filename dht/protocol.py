@@ -21,7 +21,7 @@ import trio
 
 from p2p import Node, P2PError, ServiceLimits
 from p2p.errors import RemoteError
-from p2p.node import ADDR_TTL
+from p2p.host import ADDR_TTL
 from p2p.rpc import CallContext
 
 from .config import DHTConfig
@@ -177,7 +177,7 @@ class DHTProtocol:
         if len(self._failed_at) >= MAX_REMEMBERED_ADDRS:
             self._failed_at.clear()
         self._failed_at[peer.node_id] = trio.current_time()
-        self.node.rpc_pool.drop_peer(peer.peer_id)
+        self.node.stream_pool.drop_peer(peer.peer_id)
         self._addrs_given.pop(peer.peer_id, None)
 
     # ------------------------------------------------------------------ client side

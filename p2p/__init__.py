@@ -1,4 +1,5 @@
-"""p2p — the libp2p host of a swarmtrain peer: identity, addresses, framed streams, RPC, payload streaming."""
+"""p2p — one swarmtrain peer's networking, in layers: framing and identity <- the libp2p host (host.py) <- RPC
+(rpc.py) <- the bulk data plane (bulk.py) <- `Node`, the facade that runs them all in a trio loop thread."""
 from .errors import (MessageTooLarge, P2PError, P2PTimeout, PeerBusy, PeerUnreachable, ProtocolViolation,
                      RemoteError, StreamAborted)
 from .framing import FramedStream, pack, unpack

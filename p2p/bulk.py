@@ -42,9 +42,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import P2PError, PeerUnreachable, ProtocolViolation, RemoteError
 from .limits import LogThrottle
+from .rpc import RPCServer, call
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .host import Host
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +210,13 @@ class SecureSocket:
 class BulkPlane:
     """One node's bulk listener, token table and dialer (see the module docstring).
 
-    :param node: the owning :class:`~p2p.node.Node`.
+    :param host: the :class:`~p2p.host.Host` whose handlers and inbound gate bulk streams use, and over whose
+        libp2p streams the ``bulk.open`` handshake runs (:mod:`p2p.rpc`).
     :param port: TCP port to listen on (0: any free port; fix it to forward it through a NAT).
     """
 
-    def __init__(self, node: "Node", port: int = 0):
-        self.node, self.port = node, port
+    def __init__(self, host: "Host", port: int = 0):
+        self.host, self.port = host, port
         self.listen_port: int | None = None
         self._tokens: dict[bytes, tuple[str, bytes, Any, float]] = {}
         self._unreachable: dict[str, float] = {}
@@ -229,14 +231,14 @@ class BulkPlane:
         for host in dict.fromkeys(hosts):
             listeners += await trio.open_tcp_listeners(self.port, host=host)
         self.listen_port = listeners[0].socket.getsockname()[1]
-        self.node.serve(SERVICE, {"open": self._rpc_open})
+        RPCServer(self.host, SERVICE, {"open": self._rpc_open})
         task_status.started()
         await trio.serve_listeners(self._accepted, listeners)
 
     async def _rpc_open(self, ctx, args) -> dict:
         if not isinstance(args, dict) or not isinstance(args.get("service"), str) or not isinstance(args.get("version"), str):
             raise ValueError("bulk.open takes {service: str, version: str}")
-        handler = self.node.stream_handler(args["service"], args["version"])
+        handler = self.host.stream_handler(args["service"], args["version"])
         if handler is None:
             raise ValueError(f"we do not serve {args['service']}/{args['version']}")
         now = trio.current_time()
@@ -283,7 +285,7 @@ class BulkPlane:
             sock.close()
             return
         peer, key, handler, _ = entry
-        await self.node.serve_inbound(SecureSocket(sock, key, initiator=False, remote=peer[-8:]), peer, handler)
+        await self.host.serve_inbound(SecureSocket(sock, key, initiator=False, remote=peer[-8:]), peer, handler)
 
     # ---------------------------------------------------------------- caller side
     async def open(self, peer_id: str, service: str, version: str, timeout: float) -> SecureSocket | None:
@@ -292,12 +294,12 @@ class BulkPlane:
             return None
         started = trio.current_time()
         try:
-            reply = await self.node.call(peer_id, SERVICE, "open", {"service": service, "version": version},
-                                         timeout=timeout)
+            reply = await call(self.host, peer_id, SERVICE, "open", {"service": service, "version": version},
+                                   timeout=timeout)
         except RemoteError as e:      # it refused this bulk stream: fall back
             return self._fall_back(peer_id, e)
         except PeerUnreachable as e:  # connected, yet no bulk stream: it does not speak bulk (client mode, old)
-            if self.node.is_connected(peer_id):
+            if self.host.is_connected(peer_id):
                 return self._fall_back(peer_id, e)
             raise
         rtt = trio.current_time() - started
@@ -306,7 +308,7 @@ class BulkPlane:
             port, token, key = reply["port"], reply["token"], reply["key"]
             if not (isinstance(port, int) and isinstance(token, bytes) and isinstance(key, bytes) and len(key) == 32):
                 raise ProtocolViolation("malformed bulk.open reply")
-            ip = self.node.remote_ip(peer_id)
+            ip = self.host.remote_ip(peer_id)
             if ip is None:
                 raise ProtocolViolation("no connection to take the peer's IP from")
             # the handshake's round trip bounds the connect: a silently dropped SYN must not eat the call's budget

@@ -20,6 +20,10 @@ MSG, DATA, CREDIT, END, ABORT = b"M", b"D", b"C", b"E", b"X"
 _TAGS = frozenset((MSG, DATA, CREDIT, END, ABORT))
 _HEADER = struct.Struct(">IB")
 READ_SIZE = 1 << 20
+#: default cap on one frame of a stream and one RPC message (services that move more say so)
+MAX_FRAME_BYTES = 4 << 20
+#: default deadline of one stream open, frame or call, in seconds (a dial plus a few round trips)
+STREAM_TIMEOUT = 10.0
 
 
 def pack(obj: Any) -> bytes:

@@ -21,16 +21,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from .errors import MessageTooLarge, P2PError, P2PTimeout, PeerBusy, ProtocolViolation, RemoteError, StreamAborted
-from .framing import MSG, FramedStream, pack, unpack
+from .framing import MAX_FRAME_BYTES, MSG, STREAM_TIMEOUT, FramedStream, pack, unpack
 from .limits import LogThrottle, RateLimiter
-
-if TYPE_CHECKING:
-    from .node import Node
+from .pool import StreamPool
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +46,25 @@ class ServiceLimits:
     :param idle_timeout: an open stream with no new request for this long is closed by the server.
     """
 
-    max_message_bytes: int = 4 << 20
+    max_message_bytes: int = MAX_FRAME_BYTES
     max_concurrent_per_peer: int = 32
     max_calls_per_second: float = 500.0
     handler_timeout: float = 30.0
-    read_timeout: float = 10.0
+    read_timeout: float = STREAM_TIMEOUT
     idle_timeout: float = 60.0
+
+
+class Endpoint(Protocol):
+    """What RPC needs of the peer it runs on: a :class:`~p2p.host.Host` (plain libp2p streams) or a
+    :class:`~p2p.node.Node` (which may carry a call on the bulk data plane)."""
+
+    stream_pool: StreamPool
+
+    def set_stream_handler(self, service: str, handler: Callable[[FramedStream], Awaitable[None]], *,
+                           version: str = ..., max_frame_bytes: int = ..., timeout: float = ...) -> None: ...
+
+    async def open_stream(self, peer_id: str, service: str, *, version: str = ..., max_frame_bytes: int = ...,
+                          timeout: float = ..., bulk: bool = ...) -> FramedStream: ...
 
 
 @dataclass
@@ -63,7 +74,6 @@ class CallContext:
     peer_id: str
     method: str
     stream: FramedStream
-    node: "Node"
 
 
 Handler = Callable[[CallContext, Any], Awaitable[Any]]
@@ -72,15 +82,15 @@ Handler = Callable[[CallContext, Any], Awaitable[Any]]
 class RPCServer:
     """Dispatches the calls of one service to its handler coroutines ``handler(ctx, args) -> result``."""
 
-    def __init__(self, node: "Node", service: str, methods: dict[str, Handler], *, version: str = "1",
+    def __init__(self, endpoint: Endpoint, service: str, methods: dict[str, Handler], *, version: str = "1",
                  limits: ServiceLimits | None = None):
-        self.node, self.service, self.methods = node, service, dict(methods)
+        self.service, self.methods = service, dict(methods)
         self.limits = limits or ServiceLimits()
         self.in_flight: Counter[str] = Counter()
         self.rate = RateLimiter(self.limits.max_calls_per_second)
         self._refusals = LogThrottle(10.0)
         self.calls_served = self.calls_failed = self.calls_refused = 0
-        node.set_stream_handler(service, self._serve, version=version,
+        endpoint.set_stream_handler(service, self._serve, version=version,
                                 max_frame_bytes=self.limits.max_message_bytes, timeout=self.limits.read_timeout)
 
     async def _serve(self, stream: FramedStream) -> None:
@@ -140,7 +150,7 @@ class RPCServer:
         self.in_flight[peer] += 1
         try:
             with trio.fail_after(self.limits.handler_timeout):
-                result = await handler(CallContext(peer, method, stream, self.node), args)
+                result = await handler(CallContext(peer, method, stream), args)
             await stream.send_msg(["ok", result])
             self.calls_served += 1
             return True
@@ -200,8 +210,8 @@ class RPCServer:
 
 
 @asynccontextmanager
-async def open_call(node: "Node", peer_id: str, service: str, method: str, args: Any = None, *,
-                    timeout: float = 10.0, version: str = "1", max_message_bytes: int = 4 << 20,
+async def open_call(endpoint: Endpoint, peer_id: str, service: str, method: str, args: Any = None, *,
+                    timeout: float = STREAM_TIMEOUT, version: str = "1", max_message_bytes: int = MAX_FRAME_BYTES,
                     bulk: bool = False) -> AsyncIterator[FramedStream]:
     """Start a streaming call: sends the request and yields the stream for further frames.
 
@@ -211,8 +221,8 @@ async def open_call(node: "Node", peer_id: str, service: str, method: str, args:
     Read the final ``["ok", ...]`` / ``["err", ...]`` with :func:`read_reply`. The stream is reset if the
     block raises, so the server never waits on a caller that gave up.
     """
-    stream = await node.open_stream(peer_id, service, version=version, max_frame_bytes=max_message_bytes,
-                                    timeout=timeout, bulk=bulk)
+    stream = await endpoint.open_stream(peer_id, service, version=version, max_frame_bytes=max_message_bytes,
+                                        timeout=timeout, bulk=bulk)
     try:
         await stream.send_msg([method, args])
         yield stream
@@ -235,47 +245,14 @@ async def read_reply(stream: FramedStream, method: str) -> Any:
     raise ProtocolViolation(f"malformed reply to {method} from {stream.peer_id[-8:]}")
 
 
-class StreamPool:
-    """Idle RPC streams per (peer, protocol), reused by plain calls.
-
-    A stream goes back to the pool only after a clean ``["ok"|"err", ...]`` reply; any failure or
-    cancellation resets it instead. Streams idle longer than ``max_idle`` (well under the servers'
-    ``idle_timeout``) are closed rather than reused, so a reused stream is almost never one the server
-    has just dropped; if it is, the stream fails before the server saw anything and we retry once.
-    """
-
-    def __init__(self, max_idle: float = 20.0, max_per_peer: int = 8):
-        self.max_idle, self.max_per_peer = max_idle, max_per_peer
-        self._idle: dict[tuple[str, str, str], list[tuple[float, FramedStream]]] = {}
-
-    def take(self, key: tuple[str, str, str]) -> FramedStream | None:
-        streams, now = self._idle.get(key), trio.current_time()
-        while streams:
-            stamp, stream = streams.pop()
-            if now - stamp < self.max_idle:
-                return stream
-        return None
-
-    def give_back(self, key: tuple[str, str, str], stream: FramedStream) -> bool:
-        streams = self._idle.setdefault(key, [])
-        if len(streams) >= self.max_per_peer:
-            return False
-        streams.append((trio.current_time(), stream))
-        return True
-
-    def drop_peer(self, peer_id: str) -> None:
-        for key in [k for k in self._idle if k[0] == peer_id]:
-            del self._idle[key]
-
-
-async def call(node: "Node", peer_id: str, service: str, method: str, args: Any = None, *,
-               timeout: float = 10.0, version: str = "1", max_message_bytes: int = 4 << 20) -> Any:
+async def call(endpoint: Endpoint, peer_id: str, service: str, method: str, args: Any = None, *,
+               timeout: float = STREAM_TIMEOUT, version: str = "1", max_message_bytes: int = MAX_FRAME_BYTES) -> Any:
     """Call ``service.method(args)`` on ``peer_id`` and return the result, all within ``timeout`` seconds.
 
     Reuses an idle pooled stream when there is one. Raises :class:`RemoteError` if the remote handler
     failed, :class:`P2PTimeout` past the deadline, :class:`PeerUnreachable` if no stream could be opened.
     """
-    key, pool = (peer_id, service, version), node.rpc_pool
+    key, pool = (peer_id, service, version), endpoint.stream_pool
     request = pack([method, args])
     if len(request) + 1 > max_message_bytes:
         raise MessageTooLarge(f"{service}.{method} request of {len(request)} bytes exceeds {max_message_bytes}")
@@ -284,8 +261,8 @@ async def call(node: "Node", peer_id: str, service: str, method: str, args: Any 
             stream = pool.take(key) if attempt == 0 else None
             reused = stream is not None
             if stream is None:
-                stream = await node.open_stream(peer_id, service, version=version,
-                                                max_frame_bytes=max_message_bytes, timeout=timeout)
+                stream = await endpoint.open_stream(peer_id, service, version=version,
+                                                    max_frame_bytes=max_message_bytes, timeout=timeout)
             stream.timeout, stream.max_frame_bytes = timeout, max_message_bytes  # this call's limits, even if reused
             try:
                 try:

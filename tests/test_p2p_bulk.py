@@ -219,3 +219,26 @@ def test_a_paced_bulk_stream_sends_no_faster_than_its_rate(pair):
     assert paced and slow >= 0.5 and slow > 2 * fast, (slow, fast)
     _, paced = caller.run(upload, 2e6, False)          # a libp2p stream shares its connection: not paced
     assert not paced
+
+
+def test_a_bulk_open_cut_short_by_its_deadline_is_a_timeout_not_a_crash():
+    """Issue 14, defect 1: a peer that stops answering (a laptop asleep) during the bulk handshake. The open's
+    deadline cut the attempt short and left its result unassigned: UnboundLocalError escaped Averager.step."""
+    server = Node(bulk_port=None)
+
+    async def asleep(ctx, args):
+        await trio.sleep_forever()
+    server.serve(p2p.bulk.SERVICE, {"open": asleep})
+    caller = Node()
+    try:
+        caller.run(caller.connect, server.addrs[0])
+
+        async def open_bulk():
+            started = trio.current_time()
+            with pytest.raises(p2p.P2PTimeout, match="bulk"):
+                await caller.open_stream(server.peer_id, "echo", timeout=0.5, bulk=True)
+            return trio.current_time() - started
+        assert caller.run(open_bulk, timeout=10) < 2.0
+    finally:
+        caller.stop()
+        server.stop()
