@@ -137,3 +137,34 @@ def test_the_lr_schedule_follows_the_swarms_samples_between_dht_reads():
     assert Trainer.swarm_samples(alone) == 110
     warm = SimpleNamespace(config=TrainConfig(lr=1e-3, warmup_samples=1000))
     assert Trainer.lr_at(warm, 440) == pytest.approx(0.44e-3)   # so a 4-trainer swarm warms up 4x sooner
+
+
+@pytest.mark.slow
+def test_per_step_gradient_averaging_keeps_the_trainers_weights_identical(tmp_path):
+    """``--sync grad`` (peer.training.sync.GradSync): every step averages the gradients, so two trainers that
+    start from the same weights and average every step hold the same dense weights after each step."""
+    peers: list[Peer] = []
+    try:
+        boot = Peer("bootstrap", tmp_path, "--swarm", "grad")
+        peers.append(boot)
+        join = ["--initial-peers", join_line(boot), "--swarm", "grad"]
+        peers.append(Peer("experts", tmp_path, *join, "--experts", "32", "--device", "cpu"))
+        peers[-1].wait_for("Hosting 32 experts", 60)
+        ckpt = [tmp_path / f"ckpt{i}" for i in range(2)]
+        trainers = [Peer(f"trainer{i}", tmp_path, *join, "--train", "--sync", "grad", "--max-samples", "120",
+                         "--shard", f"{i}/2", "--checkpoint-dir", str(ckpt[i])) for i in range(2)]
+        peers += trainers
+        for t in trainers:
+            t.wait_for("Finished:", 300)
+            assert t.proc.wait(30) == 0, t.log()[-3000:]
+        rounds = [tuple(map(int, FINAL.findall(t.log())[-1])) for t in trainers]
+        assert all(ok >= 10 for ok, _ in rounds), rounds   # 15 steps each: most of them averaged
+        states = [torch.load(c / "trainer.pt", weights_only=False) for c in ckpt]
+        assert "anchor" not in states[0] and states[0]["step"] == 15
+        if all(failed == 0 for _, failed in rounds):        # every step averaged on both: the very same weights
+            dense = [{k: v for k, v in s["model"].items() if ".experts." not in k} for s in states]
+            for name, value in dense[0].items():
+                assert torch.equal(value, dense[1][name]), name
+    finally:
+        for p in reversed(peers):
+            p.stop()

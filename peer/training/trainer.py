@@ -2,14 +2,8 @@
 
 The model's feed-forward layers are :class:`~peer.moe.remote.RemoteMixtureOfExperts` over the swarm's
 experts (which train themselves on backward); its dense parameters (embeddings, attention, gates,
-norms) live on every trainer and are synchronised in one of two ways:
-
-* ``sync="grad"`` — after every local step the gradients are averaged with a group of trainers
-  (weighted by samples), then every trainer applies the same optimizer step.
-* ``sync="diloco"`` (Douillard et al., 2023) — ``local_steps`` inner AdamW steps, then the
-  *pseudo-gradient* ``anchor - params`` is averaged across trainers and applied to the anchor by an
-  outer Nesterov-momentum SGD; every trainer continues from the new anchor. It sends
-  ``local_steps`` times fewer bytes per sample.
+norms) live on every trainer and are synchronised by one strategy of :mod:`peer.training.sync`
+(``sync="diloco"``, the default, or ``sync="grad"``).
 
 A failed averaging round is not fatal: the trainer keeps training locally (for DiLoCo the next round
 averages the longer stretch). Progress (samples, loss) is published in the DHT; the learning-rate
@@ -37,16 +31,14 @@ from averaging.state import StateDownloadError, StateSharer, download_state
 from dht import DHT, get_dht_time
 
 from peer.checkpoint import load_checkpoint, save_checkpoint
-from peer.config import ModelConfig
+from peer.config import SYNC_MODES, ModelConfig, progress_key, training_prefix
 from peer.moe.remote import NotEnoughExpertsError, RemoteMixtureOfExperts
 
 from .data import ByteDataset, batches, eval_batches, load_corpus
 from .model import MoETransformer
+from .sync import STRATEGIES
 
 logger = logging.getLogger(__name__)
-
-PROGRESS_STEPS = 10  # with --sync grad, publish progress (and read the swarm's) every this many steps
-
 
 @dataclass
 class TrainConfig:
@@ -86,8 +78,8 @@ class TrainConfig:
     share_every: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.sync not in ("diloco", "grad"):
-            raise ValueError(f"sync must be 'diloco' or 'grad', got {self.sync!r}")
+        if self.sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {self.sync!r}")
         if self.batch_size < 1 or self.local_steps < 1 or not 0 <= self.shard < self.num_shards:
             raise ValueError("need batch_size >= 1, local_steps >= 1 and 0 <= shard < num_shards")
 
@@ -107,20 +99,12 @@ class Trainer:
         self.eval_data = ByteDataset(text, self.model_config.block_size, split="eval")
         self.batches = batches(self.train_data, config.batch_size, seed=config.seed + config.shard,
                                shard=(config.shard, config.num_shards))
-        self.prefix = f"{dht.node.swarm}.{config.model}.{config.sync}"
-        if config.sync == "diloco":
-            self.anchor = [p.detach().clone() for p in self.dense]
-            self.outer_grad = [torch.zeros_like(p) for p in self.dense]
-            self.outer_opt = torch.optim.SGD(self.anchor, lr=config.outer_lr, momentum=config.outer_momentum,
-                                             nesterov=True)
-            sync_tensors = self.outer_grad
-        else:
-            for p in self.dense:
-                p.grad = torch.zeros_like(p)
-            sync_tensors = [p.grad for p in self.dense]
-        self.averager = Averager(sync_tensors, dht, self.prefix, AveragerConfig(
+        self.prefix = training_prefix(dht.node.swarm, config.model, config.sync)
+        self.sync = STRATEGIES[config.sync](self.dense, self.opt, config)
+        self.averager = Averager(self.sync.tensors, dht, self.prefix, AveragerConfig(
             target_group_size=config.group_size, compression=config.compression,
-            matchmaking_time=config.matchmaking_time, bandwidth=config.bandwidth, error_feedback=config.sync == "diloco"))
+            matchmaking_time=config.matchmaking_time, bandwidth=config.bandwidth,
+            error_feedback=self.sync.error_feedback))
         self.step = self.samples = self.samples_since_sync = 0
         self.rounds_ok = self.rounds_failed = 0
         self.skipped_steps = 0  # batches skipped because too few experts answered
@@ -132,7 +116,7 @@ class Trainer:
         self.loss_ema: float | None = None
         self.history: list[dict] = []
         self._restore()
-        self._snapshot: tuple[dict, list[torch.Tensor]] = self._take_snapshot()
+        self.take_snapshot()
         self.catch_up()
         self.sharer = None if dht.client_mode else StateSharer(
             dht, self.prefix, lambda: self._snapshot, announce_interval=config.share_every)
@@ -156,7 +140,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.swarm_samples())
         self.model.train()
-        self.opt.zero_grad(set_to_none=self.config.sync == "diloco")
+        self.opt.zero_grad(set_to_none=self.sync.set_grads_to_none)
         _, loss = self.model(x, y)
         loss.backward()
         if not math.isfinite(loss.item()):
@@ -165,22 +149,13 @@ class Trainer:
         self.step += 1
         self.samples += n
         self.samples_since_sync += n
-        if self.config.sync == "grad":
-            self._average(weight=n)
-            torch.nn.utils.clip_grad_norm_(self.dense, 1.0)
-            self.opt.step()
-            if self.step % self.config.eval_every == 0:
-                self._snapshot = self._take_snapshot()
-        else:
-            torch.nn.utils.clip_grad_norm_(self.dense, 1.0)
-            self.opt.step()
-            if self.step % self.config.local_steps == 0:
-                self._outer_step()
+        self.sync.after_backward(self, n)
         value = float(self.model.last_lm_loss)
         self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
         return value
 
-    def _average(self, weight: float) -> bool:
+    def average(self, weight: float) -> bool:
+        """One averaging round of the sync strategy's tensors; True if it succeeded (counted either way)."""
         result = self.averager.step(weight=weight)
         self.averaging_bytes += result.bytes_sent + result.bytes_received
         self.rounds_ok += result.ok
@@ -190,18 +165,12 @@ class Trainer:
         return result.ok
 
     # ------------------------------------------------------------------ shared state
-    def _shared_tensors(self) -> list[torch.Tensor]:
-        """The tensors a newcomer needs: DiLoCo's anchor and outer momentum, or grad mode's parameters."""
-        if self.config.sync == "grad":
-            return list(self.dense)
-        momentum = [self.outer_opt.state.get(a, {}).get("momentum_buffer") for a in self.anchor]
-        return [*self.anchor, *(torch.zeros_like(a) if m is None else m for a, m in zip(self.anchor, momentum))]
-
-    def _take_snapshot(self) -> tuple[dict, list[torch.Tensor]]:
-        """A copy of the shared state that the sharer's thread can serialize while we keep training."""
+    def take_snapshot(self) -> None:
+        """Copy the shared state (:meth:`~peer.training.sync.DiLoCoSync.shared_tensors`) for the sharer's
+        thread to serialize while we keep training."""
         metadata = {"step": self.sync_rounds, "samples": max(self.global_samples, self.samples),
                     "model": self.config.model, "sync": self.config.sync}
-        return metadata, [t.detach().clone() for t in self._shared_tensors()]
+        self._snapshot = metadata, [t.detach().clone() for t in self.sync.shared_tensors()]
 
     def catch_up(self) -> bool:
         """Download the swarm's shared state if a peer announces a newer one than ours; True if we did."""
@@ -214,54 +183,22 @@ class Trainer:
         if found is None:
             return False
         metadata, tensors = found
-        ours = self._shared_tensors()
-        if [t.shape for t in tensors] != [t.shape for t in ours]:
+        if [t.shape for t in tensors] != [t.shape for t in self.sync.shared_tensors()]:
             logger.warning("The swarm's state has other shapes than our model (%s); ignoring it", self.prefix)
             return False
-        with torch.no_grad():
-            for mine, theirs in zip(ours, tensors):
-                mine.copy_(theirs)
-            if self.config.sync == "diloco":
-                n = len(self.anchor)
-                for a, m in zip(self.anchor, tensors[n:]):
-                    self.outer_opt.state[a]["momentum_buffer"] = m.clone()
-                for p, a in zip(self.dense, self.anchor):
-                    p.copy_(a)
+        self.sync.adopt(tensors)
         self.sync_rounds = int(metadata["step"])
         self.global_samples = max(self.global_samples, int(metadata.get("samples", 0)))
         self.samples_seen_at = self.samples
-        self._snapshot = self._take_snapshot()
+        self.take_snapshot()
         logger.info("Caught up with the swarm: its state after %d averaging rounds (%d samples)",
                     self.sync_rounds, self.global_samples)
         return True
 
-    def _outer_step(self) -> None:
-        """DiLoCo: average pseudo-gradients, apply them to the anchor with Nesterov SGD, restart from it.
-
-        Averaging pseudo-gradients never brings two different anchors back together, so a trainer that
-        missed rounds (paused, cut off, or its matchmaking missed the others') first adopts the newer
-        anchor and momentum that peers announce, keeping this round's local progress as its pseudo-gradient.
-        """
-        with torch.no_grad():
-            for g, a, p in zip(self.outer_grad, self.anchor, self.dense):
-                g.copy_(a - p)
-        if self.catch_up():
-            with torch.no_grad():
-                for g, a, p in zip(self.outer_grad, self.anchor, self.dense):
-                    p.copy_(a - g)
-        self.publish_progress()  # once per round, so the LR schedule follows the swarm's samples closely
-        if not self._average(weight=self.samples_since_sync):
-            return  # keep training locally; the next round averages the longer stretch
-        with torch.no_grad():
-            for a, g in zip(self.anchor, self.outer_grad):
-                a.grad = g.clone()
-            self.outer_opt.step()
-            for p, a in zip(self.dense, self.anchor):
-                p.copy_(a)
-        self.samples_since_sync = 0
-        self._snapshot = self._take_snapshot()
-        if self.sharer is not None:  # announce the new state now, so peers that missed this round catch up
-            self.dht.node.spawn(self._announce_state)  # before their next one (not up to share_every later)
+    def announce_state(self) -> None:
+        """Announce our new state now (in the background), not up to ``share_every`` later."""
+        if self.sharer is not None:
+            self.dht.node.spawn(self._announce_state)
 
     async def _announce_state(self) -> None:
         try:
@@ -298,7 +235,7 @@ class Trainer:
 
     def publish_progress(self) -> None:
         """Write our progress to the DHT and read everyone's to know the swarm-wide sample count."""
-        key = f"{self.prefix}.progress"
+        key = progress_key(self.prefix)
         mine = {"samples": self.samples, "step": self.step, "loss": self.loss_ema, "t": get_dht_time()}
         self.dht.store(key, mine, get_dht_time() + 60, subkey=self.dht.peer_id)
         found = self.dht.get(key, latest=True)
@@ -311,10 +248,7 @@ class Trainer:
     def state(self) -> dict:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
                  "samples": self.samples, "global_samples": self.global_samples, "sync_rounds": self.sync_rounds,
-                 "config": asdict(self.config)}
-        if self.config.sync == "diloco":
-            state["anchor"] = [a.clone() for a in self.anchor]
-            state["outer_opt"] = self.outer_opt.state_dict()
+                 "config": asdict(self.config), **self.sync.state()}
         return state
 
     @property
@@ -334,11 +268,7 @@ class Trainer:
         self.step, self.samples = state["step"], state["samples"]
         self.global_samples, self.samples_seen_at = state.get("global_samples", 0), self.samples
         self.sync_rounds = state.get("sync_rounds", 0)
-        if self.config.sync == "diloco" and "anchor" in state:
-            with torch.no_grad():
-                for a, saved in zip(self.anchor, state["anchor"]):
-                    a.copy_(saved)
-            self.outer_opt.load_state_dict(state["outer_opt"])
+        self.sync.restore(state)
         logger.info("Resumed from %s at step %d (%d samples)", self.checkpoint_file, self.step, self.samples)
 
     # ------------------------------------------------------------------ the loop
@@ -360,10 +290,7 @@ class Trainer:
                     logger.warning("Skipped a step (%d so far): %s", self.skipped_steps, str(e)[:300])
                     time.sleep(1.0)
                     continue
-                # publish progress on the first step (so the swarm's size is known early), then every
-                # PROGRESS_STEPS (grad) or eval_every (DiLoCo) steps, unless a DiLoCo round just did
-                due = self.step == 1 or self.step % (PROGRESS_STEPS if c.sync == "grad" else c.eval_every) == 0
-                if due and not (c.sync == "diloco" and self.step % c.local_steps == 0):
+                if self.sync.progress_due(self.step):  # on step 1, so the swarm's size is known early
                     self.publish_progress()
                 if self.step % c.eval_every == 0:
                     eval_loss = self._evaluate_when_possible()

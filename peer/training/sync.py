@@ -1,0 +1,150 @@
+"""How a trainer keeps its dense parameters in step with the swarm: one class per ``--sync`` mode.
+
+Both keep the interface a :class:`~peer.training.trainer.Trainer` drives:
+
+* ``tensors`` — what the averager averages (and ``error_feedback`` — whether compression losses carry over);
+* :meth:`after_backward` — the optimizer step(s) of one local step, averaging when it is due;
+* :meth:`shared_tensors` / :meth:`adopt` — the state a newcomer downloads, and taking the swarm's;
+* :meth:`progress_due` — whether the train loop publishes progress at a step (a round may have just done so);
+* :meth:`state` / :meth:`restore` — what goes into, and comes back from, a checkpoint.
+
+Modes:
+
+* :class:`GradSync` (``sync="grad"``) — after every local step the gradients are averaged with a group of
+  trainers (weighted by samples), then every trainer applies the same optimizer step.
+* :class:`DiLoCoSync` (``sync="diloco"``, Douillard et al., 2023) — ``local_steps`` inner AdamW steps, then
+  the *pseudo-gradient* ``anchor - params`` is averaged across trainers and applied to the anchor by an outer
+  Nesterov-momentum SGD; every trainer continues from the new anchor. It sends ``local_steps`` times fewer
+  bytes per sample.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .trainer import TrainConfig, Trainer
+
+PROGRESS_STEPS = 10  # with --sync grad, publish progress (and read the swarm's) every this many steps
+
+
+def clip_and_step(dense: list[torch.Tensor], opt: torch.optim.Optimizer) -> None:
+    """The inner update of every mode: gradients clipped to norm 1, then the optimizer's step."""
+    torch.nn.utils.clip_grad_norm_(dense, 1.0)
+    opt.step()
+
+
+class GradSync:
+    """Average the gradients of every step, then step the optimizer (see the module docstring)."""
+
+    name = "grad"
+    error_feedback = False
+    set_grads_to_none = False   # the averager holds the .grad tensors: they must stay the same objects
+
+    def __init__(self, dense: list[torch.Tensor], opt: torch.optim.Optimizer, config: "TrainConfig"):
+        self.dense, self.opt, self.config = dense, opt, config
+        for p in dense:
+            p.grad = torch.zeros_like(p)
+        self.tensors = [p.grad for p in dense]
+
+    def after_backward(self, trainer: "Trainer", samples: int) -> None:
+        trainer.average(weight=samples)
+        clip_and_step(self.dense, self.opt)
+        if trainer.step % self.config.eval_every == 0:
+            trainer.take_snapshot()
+
+    def progress_due(self, step: int) -> bool:
+        return step == 1 or step % PROGRESS_STEPS == 0
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        return list(self.dense)
+
+    def adopt(self, tensors: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for mine, theirs in zip(self.dense, tensors):
+                mine.copy_(theirs)
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        pass
+
+
+class DiLoCoSync:
+    """Inner steps locally; every ``local_steps`` an outer step on the averaged pseudo-gradient."""
+
+    name = "diloco"
+    error_feedback = True
+    set_grads_to_none = True
+
+    def __init__(self, dense: list[torch.Tensor], opt: torch.optim.Optimizer, config: "TrainConfig"):
+        self.dense, self.opt, self.config = dense, opt, config
+        self.anchor = [p.detach().clone() for p in dense]
+        self.tensors = self.outer_grad = [torch.zeros_like(p) for p in dense]
+        self.outer_opt = torch.optim.SGD(self.anchor, lr=config.outer_lr, momentum=config.outer_momentum,
+                                         nesterov=True)
+
+    def after_backward(self, trainer: "Trainer", samples: int) -> None:
+        clip_and_step(self.dense, self.opt)
+        if trainer.step % self.config.local_steps == 0:
+            self.outer_step(trainer)
+
+    def outer_step(self, trainer: "Trainer") -> None:
+        """Average pseudo-gradients, apply them to the anchor with Nesterov SGD, restart from it.
+
+        Averaging pseudo-gradients never brings two different anchors back together, so a trainer that
+        missed rounds (paused, cut off, or its matchmaking missed the others') first adopts the newer
+        anchor and momentum that peers announce, keeping this round's local progress as its pseudo-gradient.
+        """
+        with torch.no_grad():
+            for g, a, p in zip(self.outer_grad, self.anchor, self.dense):
+                g.copy_(a - p)
+        if trainer.catch_up():
+            with torch.no_grad():
+                for g, a, p in zip(self.outer_grad, self.anchor, self.dense):
+                    p.copy_(a - g)
+        trainer.publish_progress()  # once per round, so the LR schedule follows the swarm's samples closely
+        if not trainer.average(weight=trainer.samples_since_sync):
+            return  # keep training locally; the next round averages the longer stretch
+        with torch.no_grad():
+            for a, g in zip(self.anchor, self.outer_grad):
+                a.grad = g.clone()
+            self.outer_opt.step()
+            for p, a in zip(self.dense, self.anchor):
+                p.copy_(a)
+        trainer.samples_since_sync = 0
+        trainer.take_snapshot()
+        trainer.announce_state()  # now, so peers that missed this round catch up before their next one
+
+    def progress_due(self, step: int) -> bool:
+        due = step == 1 or step % self.config.eval_every == 0
+        return due and step % self.config.local_steps != 0   # an outer step has just published
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        momentum = [self.outer_opt.state.get(a, {}).get("momentum_buffer") for a in self.anchor]
+        return [*self.anchor, *(torch.zeros_like(a) if m is None else m for a, m in zip(self.anchor, momentum))]
+
+    def adopt(self, tensors: list[torch.Tensor]) -> None:
+        n = len(self.anchor)
+        with torch.no_grad():
+            for mine, theirs in zip(self.anchor, tensors[:n]):
+                mine.copy_(theirs)
+            for a, m in zip(self.anchor, tensors[n:]):
+                self.outer_opt.state[a]["momentum_buffer"] = m.clone()
+            for p, a in zip(self.dense, self.anchor):
+                p.copy_(a)
+
+    def state(self) -> dict:
+        return {"anchor": [a.clone() for a in self.anchor], "outer_opt": self.outer_opt.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        if "anchor" in state:
+            with torch.no_grad():
+                for a, saved in zip(self.anchor, state["anchor"]):
+                    a.copy_(saved)
+            self.outer_opt.load_state_dict(state["outer_opt"])
+
+
+STRATEGIES = {cls.name: cls for cls in (GradSync, DiLoCoSync)}
