@@ -3,7 +3,7 @@
     python bench/allreduce.py --peers 4 --size 67108864 --compression none [--rounds 3] [--vs-hivemind]
                               [--netns --bandwidth-mbit 100] [--json]
 
-One process per peer (ours: ``bench/avg_worker.py``; hivemind 1.1.12: ``bench/hivemind_allreduce_worker.py``
+One process per peer (ours: ``testbed/avg_worker.py``; hivemind 1.1.12: ``testbed/hivemind_allreduce_worker.py``
 in ``.venv-hivemind``, built once), each holding a float32 tensor of ``--size`` elements drawn with seed =
 its index. Every peer joins the first one's DHT; when all are up the driver releases them together and
 each runs ``--rounds`` averaging steps with the whole group. The two implementations run one after the
@@ -24,7 +24,7 @@ Measures (per implementation):
   processes and p2pd) sampled every 2 s during the rounds, averaged over peers; ``_idle``: after
   start-up, before the first round.
 
-``--netns`` runs every peer in its own network namespace (:mod:`bench.netns`) with its upload and
+``--netns`` runs every peer in its own network namespace (:mod:`testbed.netns`) with its upload and
 download capped at ``--bandwidth-mbit``; ``bound_s = 2 (N-1)/N * wire bytes / B`` is what a perfect
 butterfly/ring all-reduce needs on such links (wire bytes: the compressed tensor). Our peers declare
 that bandwidth (MB/s) to their averager, which paces its transfers to it.
@@ -49,11 +49,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # our packages before bench/dht.py
-from bench.common import REPO_ROOT, _die_with_parent, ensure_hivemind_venv, pss_mib  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's packages first
+from testbed.common import REPO_ROOT, _die_with_parent, ensure_hivemind_venv, pss_mib  # noqa: E402
 
-OUR_WORKER = str(Path(__file__).resolve().parent / "avg_worker.py")
-HIVEMIND_WORKER = str(Path(__file__).resolve().parent / "hivemind_allreduce_worker.py")
+OUR_WORKER = str(Path(__file__).resolve().parent.parent / "testbed" / "avg_worker.py")
+HIVEMIND_WORKER = str(Path(__file__).resolve().parent.parent / "testbed" / "hivemind_allreduce_worker.py")
 WIRE_BYTES_PER_ELEM = {"none": 4.0, "fp16": 2.0, "int8": 1.0 + 8 / 4096, "int4": 0.5 + 8 / 1024}
 
 
@@ -108,7 +108,7 @@ class Peer:
         self.proc.stdin.flush()
 
     def kill(self) -> None:
-        from bench.common import descendants
+        from testbed.common import descendants
         for pid in [*descendants(self.proc.pid), self.proc.pid]:
             try:
                 os.kill(pid, 9)
@@ -300,7 +300,7 @@ def main() -> int:
         with ExitStack() as stack:
             topo = None
             if args.netns:
-                from bench.netns import Topology
+                from testbed.netns import Topology
                 topo = stack.enter_context(Topology(args.peers, bandwidth_mbit=args.bandwidth_mbit))
             for impl in impls:
                 try:

@@ -4,19 +4,19 @@ Needs root (network namespaces) and about 3 GB of memory; nothing is downloaded.
 
     sudo python bench/chaos.py --duration 240 --quiet-period 60 --seed 1 --json chaos.json
 
-What runs (:class:`bench.netns.Topology`, one namespace per host on one switch): a bootstrap peer (DHT
+What runs (:class:`testbed.netns.Topology`, one namespace per host on one switch): a bootstrap peer (DHT
 only), ``--experts`` expert hosts splitting the tiny model's expert grid, ``--trainers`` trainers
 (``--train --model tiny --shard i/N``, each with ``--identity``, ``--checkpoint-dir`` and
-``--metrics-port``) and a probe (``bench/chaos_probe.py``, a client-mode DHT peer). Every peer runs with
+``--metrics-port``) and a probe (``testbed/chaos_probe.py``, a client-mode DHT peer). Every peer runs with
 ``OMP_NUM_THREADS=1``.
 
 Phases: start the swarm and wait until every trainer shares its state; then ``--duration`` seconds of
-faults (:mod:`bench.chaos_faults`: a new one every few seconds, at most ``--max-concurrent`` peers faulted
+faults (:mod:`testbed.chaos_faults`: a new one every few seconds, at most ``--max-concurrent`` peers faulted
 or recovering at once, never two expert hosts); then ``--quiet-period`` seconds without faults; then every
 trainer gets SIGTERM right after a common averaging round and the trainers' final checkpoints are
 compared (dense weights must have re-converged); then everything else is stopped.
 
-Invariants, checked while it runs (:mod:`bench.chaos_checks`, bounds derived from the code's defaults and
+Invariants, checked while it runs (:mod:`testbed.chaos_checks`, bounds derived from the code's defaults and
 printed under ``"bounds"``): no hang (averaging steps within their deadline, training progress, DHT pings,
 exit within the compose file's ``stop_grace_period`` after SIGTERM), no NaN (losses, checkpoints), no crash,
 no corrupted checkpoint (loaded with the project's loader after every SIGKILL, and resumed from), DHT records
@@ -50,10 +50,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # our packages before bench/dht.py
+sys.path.insert(0, str(REPO))  # the repository's packages first
 
-from bench.chaos_faults import KINDS, Fault, FaultPlan, SaveKiller  # noqa: E402
-from bench.chaos_swarm import Swarm  # noqa: E402
+from testbed.chaos_faults import KINDS, Fault, FaultPlan, SaveKiller  # noqa: E402
+from testbed.chaos_swarm import Swarm  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class ChaosRun:
-    """One chaos run over a started :class:`bench.chaos_swarm.Swarm` (phases as in the module docstring)."""
+    """One chaos run over a started :class:`testbed.chaos_swarm.Swarm` (phases as in the module docstring)."""
 
     def __init__(self, args: argparse.Namespace, swarm: Swarm):
         self.args, self.swarm, self.monitor = args, swarm, swarm.monitor
@@ -291,7 +291,7 @@ class ChaosRun:
 
 def run_chaos(args: argparse.Namespace) -> dict:
     """Build the topology, run the phases, return the summary (see the module docstring)."""
-    from bench.chaos_checks import derive_bounds
+    from testbed.chaos_checks import derive_bounds
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="chaos-"))
     started = time.monotonic()
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
         parser.error("need --trainers >= 2, --experts >= 2, --duration > 0 and --quiet-period >= 0")
     if not 0 < args.fault_gap[0] <= args.fault_gap[1] or not 0 < args.fault_length[0] <= args.fault_length[1]:
         parser.error("--fault-gap and --fault-length need 0 < MIN <= MAX")
-    from bench.netns import netns_available
+    from testbed.netns import netns_available
 
     why_not = netns_available()
     if why_not:

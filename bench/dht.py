@@ -4,7 +4,7 @@
 
 Layout: one process hosting exactly ONE node (what a volunteer runs; its memory is reported on its
 own as ``pss_mib_single_node_process``) plus ``--procs`` processes hosting the other N-1 nodes
-(``bench/dht_worker.py``). The first worker's first node founds the swarm; every other node joins
+(``testbed/dht_worker.py``). The first worker's first node founds the swarm; every other node joins
 through the first two nodes. After a warm-up (one unmeasured store per node), the workload is
 ``--ops`` stores of distinct keys from random nodes, then one get of every key from a random other
 node, then one ``latest=True`` get the same way. Each process runs ``--concurrency`` ops at a time
@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import Worker, WorkerError, descendants, ensure_hivemind_venv, print_json, pss_mib, \
+from testbed.common import Worker, WorkerError, descendants, ensure_hivemind_venv, print_json, pss_mib, \
     rss_mib, summarize_ms  # noqa: E402
 
-WORKER_SCRIPT = str(Path(__file__).resolve().parent / "dht_worker.py")
+WORKER_SCRIPT = str(Path(__file__).resolve().parent.parent / "testbed" / "dht_worker.py")
 
 
 def log(*parts: Any) -> None:

@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import REPO_ROOT, Worker, WorkerError, descendants, ensure_hivemind_venv, percentile, \
+from testbed.common import REPO_ROOT, Worker, WorkerError, descendants, ensure_hivemind_venv, percentile, \
     print_json  # noqa: E402
 
-WORKER_SCRIPT = str(Path(__file__).resolve().parent / "moe_worker.py")
+WORKER_SCRIPT = str(Path(__file__).resolve().parent.parent / "testbed" / "moe_worker.py")
 
 
 def log(*parts: Any) -> None:

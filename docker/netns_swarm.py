@@ -1,7 +1,7 @@
 """Run the services of ``docker/docker-compose.yml`` as processes, each in its own network namespace.
 
 No Docker needed, only root and iproute2: every compose service (bootstrap, expert hosts, trainers,
-the one-shot ``join-config``) becomes a host of a :class:`bench.netns.Topology` with its own IP
+the one-shot ``join-config``) becomes a host of a :class:`testbed.netns.Topology` with its own IP
 address and an upload/download cap, and runs *the very command the compose file gives it*::
 
     sudo python docker/netns_swarm.py --bandwidth-mbit 50 --samples 400
@@ -24,7 +24,7 @@ SIGKILL after ``stop_grace_period``). The last line printed is one JSON object: 
 role, whether it started, its exit code, and the last ``step N: train loss X, eval loss Y`` line its
 stderr showed; ``ok`` says whether every peer started and every trainer exited 0 with an eval loss.
 Namespaces, processes and ``/etc/netns`` files are removed on every exit path (exceptions, Ctrl+C,
-SIGTERM; see :mod:`bench.netns` for SIGKILL).
+SIGTERM; see :mod:`testbed.netns` for SIGKILL).
 """
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_swarm(args: argparse.Namespace) -> dict:
     """Start every service in order, wait for the trainers, stop the rest; returns the summary dict."""
-    from bench.netns import Topology
+    from testbed.netns import Topology
 
     services = load_services(args.compose)
     cap = args.bandwidth_mbit or None
@@ -304,7 +304,7 @@ def run_swarm(args: argparse.Namespace) -> dict:
 
 def _sweep_etc_netns() -> bool:
     """Remove /etc/netns entries of ours left by a driver that was SIGKILLed (its pid is gone); True if any."""
-    from bench.netns import PREFIX
+    from testbed.netns import PREFIX
 
     removed = False
     for d in ETC_NETNS.glob(f"{PREFIX}*"):
@@ -397,7 +397,7 @@ def main(argv=None) -> int:
         parser.error("need --bandwidth-mbit >= 0, --samples >= 1, --timeout > 0 and --torch-threads >= 1")
     for sig in (signal.SIGTERM, signal.SIGHUP):   # unwind through run_swarm's cleanup
         signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
-    from bench.netns import netns_available
+    from testbed.netns import netns_available
 
     why_not = netns_available()
     if why_not:

@@ -1,4 +1,4 @@
-"""Run a group of averaging peers as real processes (bench/avg_worker.py) and collect what they did."""
+"""Run a group of averaging peers as real processes (testbed/avg_worker.py) and collect what they did."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-WORKER = str(Path(__file__).resolve().parent.parent / "bench" / "avg_worker.py")
+WORKER = str(Path(__file__).resolve().parent.parent / "testbed" / "avg_worker.py")
 
 
 class Peer:

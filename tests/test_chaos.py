@@ -1,6 +1,6 @@
 """bench/chaos.py: a swarm under random SIGKILL / SIGSTOP / restarts / link cuts keeps its invariants.
 
-The fast tests feed :class:`bench.chaos_checks.Monitor` made-up timelines and files, to show that each
+The fast tests feed :class:`testbed.chaos_checks.Monitor` made-up timelines and files, to show that each
 check fails when it must (a hung trainer, an averaging step past its deadline, NaN, a lost DHT record, a
 corrupt checkpoint, diverged weights). The slow test is the bounded CI variant of the chaos run: a real
 swarm of 6 peers (+ a probe) in network namespaces, about two minutes; it needs root and ``ip netns``.
@@ -18,10 +18,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench import netns  # noqa: E402
-from bench.chaos_checkpoints import dense_spread, verify_checkpoints  # noqa: E402
-from bench.chaos_checks import Monitor, derive_bounds  # noqa: E402
-from bench.chaos_faults import KINDS, FaultPlan  # noqa: E402
+from testbed import netns  # noqa: E402
+from testbed.chaos_checkpoints import dense_spread, verify_checkpoints  # noqa: E402
+from testbed.chaos_checks import Monitor, derive_bounds  # noqa: E402
+from testbed.chaos_faults import KINDS, FaultPlan  # noqa: E402
 
 BOUNDS = derive_bounds("tiny")
 PEERS = [("trainer0", "trainer", "T0"), ("experts0", "experts", "E0"), ("bootstrap", "bootstrap", "B0")]

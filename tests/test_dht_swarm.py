@@ -1,5 +1,5 @@
 """A real DHT swarm: 35 server nodes in 5 OS processes (7 each, so killing one process kills 20%) plus one
-client-mode node, all on loopback sockets, driven through ``bench/dht_worker.py``.
+client-mode node, all on loopback sockets, driven through ``testbed/dht_worker.py``.
 
 Every node joins through the same two initial peers. The module shares one swarm; the tests run in file
 order and the last one SIGKILLs a whole process, so nothing may come after it.
@@ -15,7 +15,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-from bench.common import Worker  # noqa: E402
+from testbed.common import Worker  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ class Swarm:
     """The worker processes and a global numbering of their nodes."""
 
     def __init__(self, log_dir: Path):
-        worker = [sys.executable, str(REPO_ROOT / "bench" / "dht_worker.py"), "--config", CONFIG, "--timeout", "60"]
+        worker = [sys.executable, str(REPO_ROOT / "testbed" / "dht_worker.py"), "--config", CONFIG, "--timeout", "60"]
         # process 0 founds the swarm and also hosts the client-mode node (its last node)
         first = Worker([*worker, "--nodes", str(SERVERS_PER_PROC + 1), "--client-nodes", "1"], log_dir / "w0.log")
         self.workers = [first]

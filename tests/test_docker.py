@@ -228,7 +228,7 @@ def test_load_services_rejects_a_dependency_cycle(tmp_path):
 # ------------------------------------------------------------------ the swarm, for real
 def _netns_reason() -> str | None:
     sys.path.insert(0, str(REPO))
-    from bench.netns import netns_available
+    from testbed.netns import netns_available
     return netns_available()
 
 

@@ -1,4 +1,4 @@
-"""bench/netns.py: namespaces per host, a switch, bandwidth caps, and cleanup that always happens.
+"""testbed/netns.py: namespaces per host, a switch, bandwidth caps, and cleanup that always happens.
 
 Skipped unless we are root and ``ip netns`` / ``tc`` work (containers without CAP_SYS_ADMIN cannot).
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import netns  # noqa: E402
-from bench.netns import Topology  # noqa: E402
+from testbed import netns  # noqa: E402
+from testbed.netns import Topology  # noqa: E402
 
 _why_not = netns.netns_available()
 pytestmark = pytest.mark.skipif(_why_not is not None, reason=f"network namespaces unavailable: {_why_not}")
@@ -101,7 +101,7 @@ def test_bad_arguments_raise():
 def test_sigterm_and_sigkill_of_driver_leave_nothing_behind():
     before = namespaces()
     driver = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
-              "from bench.netns import Topology\n"
+              "from testbed.netns import Topology\n"
               "with Topology(2, bandwidth_mbit=10) as t:\n"
               "    print(t.name, flush=True); time.sleep(60)\n")
     for sig in (signal.SIGTERM, signal.SIGKILL):

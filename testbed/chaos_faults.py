@@ -8,7 +8,7 @@ Fault kinds (``KINDS``), all on one non-bootstrap peer at a time:
   checkpoint (trainers only);
 * ``restart`` -- SIGTERM (it must exit cleanly within the grace period), then start it again;
 * ``sigstop`` -- SIGSTOP for a few seconds, then SIGCONT;
-* ``link_cut`` -- its link is cut at the switch for a few seconds (:meth:`bench.netns.Topology.set_link`).
+* ``link_cut`` -- its link is cut at the switch for a few seconds (:meth:`testbed.netns.Topology.set_link`).
 
 :class:`FaultPlan` draws them from a seeded RNG: the first ``len(KINDS)`` faults go through every kind
 once (in a seeded order; a trainer restart right before the first kill during a save, which needs a

@@ -2,7 +2,7 @@
 
 Start it, read one JSON line, then send one command per line and read one reply line per command::
 
-    python bench/dht_worker.py --nodes 7 --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3... \\
+    python testbed/dht_worker.py --nodes 7 --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3... \\
         --config '{"rpc_timeout": 2.0}'
     -> {"event": "ready", "pid": 123, "impl": "ours", "start_s": 2.1,
         "nodes": [{"index": 0, "peer_id": "12D3...", "addrs": ["/ip4/..."], "client": false}, ...]}
@@ -29,7 +29,7 @@ running at the deadline is reported as ``{"ok": false, "error": "timeout"}``):
 
 ``--impl hivemind`` hosts ``hivemind.DHT`` nodes instead (each runs in its own child process with a
 p2pd daemon, as hivemind always does); run it with the python of the hivemind venv
-(``bench/common.py: ensure_hivemind_venv``). hivemind is imported only then, and our packages only
+(``testbed/common.py: ensure_hivemind_venv``). hivemind is imported only then, and our packages only
 with ``--impl ours``; this file itself needs only the standard library.
 """
 from __future__ import annotations

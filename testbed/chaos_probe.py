@@ -16,7 +16,7 @@ it), so the driver can lay these rounds on its own fault timeline.
 
 Run by hand (from inside the swarm's network)::
 
-    python bench/chaos_probe.py --initial-peers /ip4/198.18.7.1/tcp/31337/p2p/12D3KooW... --swarm chaos \\
+    python testbed/chaos_probe.py --initial-peers /ip4/198.18.7.1/tcp/31337/p2p/12D3KooW... --swarm chaos \\
         --peers '{"12D3KooW...": "/ip4/198.18.7.2/tcp/31337/p2p/12D3KooW..."}' --interval 3
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # our packages before bench/dht.py
+sys.path.insert(0, str(REPO))  # the repository's packages first
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +51,7 @@ GAUGES = {"samples": "swarmtrain_samples", "train_loss": "swarmtrain_train_loss"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/chaos_probe.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python testbed/chaos_probe.py", description=__doc__.splitlines()[0])
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="full multiaddrs to join through")
     p.add_argument("--swarm", required=True, help="swarm name of the peers")
     p.add_argument("--model", default="tiny", help="model preset the trainers train (default: %(default)s)")

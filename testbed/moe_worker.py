@@ -1,18 +1,18 @@
 """A process in the MoE benchmark: an expert server or a training client, ours or hivemind's.
 
-Driven over stdin/stdout JSON lines (see :class:`bench.common.Worker`)::
+Driven over stdin/stdout JSON lines (see :class:`testbed.common.Worker`)::
 
-    python bench/moe_worker.py --impl ours --role server --uids expert.0 expert.1 --hidden 1024 \\
+    python testbed/moe_worker.py --impl ours --role server --uids expert.0 expert.1 --hidden 1024 \\
         [--initial-peers MADDR ...] [--threads N]
     -> {"event": "ready", "pid": 123, "peer_id": "12D3...", "addrs": ["/ip4/127.0.0.1/tcp/..."]}
     <- {"id": 1, "cmd": "stats"}                         -> {"id": 1, "stats": {...}}
 
-    python bench/moe_worker.py --impl ours --role client --initial-peers MADDR --hidden 1024 --grid 4
+    python testbed/moe_worker.py --impl ours --role client --initial-peers MADDR --hidden 1024 --grid 4
     <- {"id": 1, "cmd": "bench", "batch": 32, "k": 2, "steps": 30, "warmup": 5}
     -> {"id": 1, "ms": [fwd+bwd milliseconds of each measured step], "failures": 0}
 
 ``quit`` (or closing stdin) stops the process. ``--impl hivemind`` must run under the python of the
-hivemind venv (``bench/common.py: ensure_hivemind_venv``); hivemind is imported only then and our
+hivemind venv (``testbed/common.py: ensure_hivemind_venv``); hivemind is imported only then and our
 packages only with ``--impl ours``. Everything binds to 127.0.0.1; hivemind's UPnP is off.
 """
 from __future__ import annotations

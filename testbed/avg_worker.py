@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # our packages before bench/dht.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's packages first
 
 from averaging import Averager, AveragerConfig
 from dht import DHT

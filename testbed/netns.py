@@ -1,6 +1,6 @@
 """A throw-away test network of Linux network namespaces: one namespace per host, one virtual switch.
 
-    from bench.netns import Topology
+    from testbed.netns import Topology
 
     with Topology(4, bandwidth_mbit=100) as topo:        # needs root and iproute2 (`ip`, `tc`)
         server = topo.run(0, [sys.executable, "server.py", "--host", topo.addr(0)])

@@ -1,7 +1,7 @@
 """One hivemind 1.1.12 averaging peer per process: the anchor for bench/allreduce.py.
 
 Runs ONLY inside ``.venv-hivemind`` (hivemind cannot share an environment with py-libp2p); it imports
-nothing of ours. Same command-line contract as ``bench/avg_worker.py`` (the flags the benchmark uses):
+nothing of ours. Same command-line contract as ``testbed/avg_worker.py`` (the flags the benchmark uses):
 prints ``{"peer_id", "addrs"}``, waits for a line on stdin (``--start-at -1``), runs ``--rounds`` steps
 printing one JSON line each, saves the tensor to ``--out`` (torch.save) and prints ``{"done": true}``.
 

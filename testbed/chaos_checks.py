@@ -1,7 +1,7 @@
 """The invariants of ``bench/chaos.py``, checked continuously while faults are injected.
 
 :class:`Monitor` is told what the driver does to each peer (start, SIGKILL, SIGSTOP/SIGCONT, link cut),
-reads every line the peers log and every report of the probe (``bench/chaos_probe.py``), and records a
+reads every line the peers log and every report of the probe (``testbed/chaos_probe.py``), and records a
 :class:`Violation` ``{t, peer, invariant, detail}`` whenever one of these fails:
 
 * ``no_hang`` -- an averaging step lasted longer than its deadline (:func:`averaging_deadline_s`), a running
@@ -20,7 +20,7 @@ reads every line the peers log and every report of the probe (``bench/chaos_prob
 * ``recovery`` -- a faulted peer never recovered (trainers: a successful averaging step; expert hosts:
   found in the DHT and answering pings) before the end of the run;
 * ``reconvergence`` -- after the quiet period the trainers' averaged dense weights differ (see
-  :func:`bench.chaos_checkpoints.dense_spread`; checked by the driver, like checkpoint loading).
+  :func:`testbed.chaos_checkpoints.dense_spread`; checked by the driver, like checkpoint loading).
 
 Every bound is derived from the code's own defaults when the monitor is built (:func:`derive_bounds`).
 """
@@ -286,7 +286,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ what the probe saw
     def on_probe(self, report: dict) -> None:
-        """One round of ``bench/chaos_probe.py``: check DHT records, pings and training progress."""
+        """One round of ``testbed/chaos_probe.py``: check DHT records, pings and training progress."""
         with self.lock:
             self.probe_rounds += 1
             t0, b = report["t0"], self.bounds

@@ -1,11 +1,11 @@
 """The swarm of ``bench/chaos.py``: its peers as processes in network namespaces, started, signalled, restarted.
 
-:class:`Swarm` lays out one :class:`bench.netns.Topology` host per peer -- ``bootstrap`` (DHT only),
+:class:`Swarm` lays out one :class:`testbed.netns.Topology` host per peer -- ``bootstrap`` (DHT only),
 ``experts0..`` (``--experts N --expert-checkpoint-dir``), ``trainer0..`` (``--train --model tiny
---shard i/N --checkpoint-dir --metrics-port``) -- plus one for the probe (``bench/chaos_probe.py``). Every
+--shard i/N --checkpoint-dir --metrics-port``) -- plus one for the probe (``testbed/chaos_probe.py``). Every
 peer has an ``--identity`` file made before it first starts, so its peer ID is known in advance and
 survives restarts. Each peer's stderr is read line by line into its log file (``<work>/logs/<name>.log``)
-and into the :class:`bench.chaos_checks.Monitor`; the probe's stdout reports go to the monitor too.
+and into the :class:`testbed.chaos_checks.Monitor`; the probe's stdout reports go to the monitor too.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench.chaos_checkpoints import dense_spread, verify_checkpoints
-from bench.chaos_checks import Monitor
-from bench.chaos_probe import docker_module
+from testbed.chaos_checkpoints import dense_spread, verify_checkpoints
+from testbed.chaos_checks import Monitor
+from testbed.chaos_probe import docker_module
 
 REPO = Path(__file__).resolve().parent.parent
 PORT, METRICS_PORT, SWARM = 31337, 9100, "chaos"
@@ -53,7 +53,7 @@ class Swarm:
     """Peers of a chaos run (see the module docstring); ``start`` returns once every trainer shares its state."""
 
     def __init__(self, args, work: Path, bounds: dict):
-        from bench.netns import Topology
+        from testbed.netns import Topology
         from p2p import load_or_create_identity, peer_id_of
 
         self.args, self.work = args, work
@@ -190,7 +190,7 @@ class Swarm:
         ids = {p.peer_id: f"/ip4/{self.topo.addr(p.host)}/tcp/{PORT}/p2p/{p.peer_id}" for p in self.peers.values()}
         metrics = {p.peer_id: f"http://{self.topo.addr(p.host)}:{METRICS_PORT}/metrics"
                    for p in self.peers.values() if p.role == "trainer"}
-        argv = [sys.executable, str(REPO / "bench" / "chaos_probe.py"), "--initial-peers", self.bootstrap,
+        argv = [sys.executable, str(REPO / "testbed" / "chaos_probe.py"), "--initial-peers", self.bootstrap,
                 "--swarm", SWARM, "--peers", json.dumps(ids), "--metrics", json.dumps(metrics), "--interval", "3"]
         log = open(self.work / "logs" / "probe.log", "w")
         self.probe = self.topo.run(self.probe_host, argv, env=self.env, cwd=REPO, stdout=subprocess.PIPE,
