@@ -38,7 +38,7 @@ from .bans import BanList
 from .checks import all_finite, max_abs
 from .feedback import RoundFeedback
 from .group import Member, RoundConfig
-from .partition import pacing_rates, split_by_bandwidth
+from .partition import iter_chunks, pacing_rates, split_by_bandwidth
 from .reduce import BadContribution, PartReducer, ReduceError
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,7 @@ class AllReduceRound:
         return table.setdefault(part, trio.Event())
 
     def _chunks(self, part: int):
-        start, end = self.parts[part]
-        for a in range(start, end, self.chunk_elems):
-            yield a, min(a + self.chunk_elems, end)
+        return iter_chunks(*self.parts[part], self.chunk_elems)
 
     def open_part(self, part: int, senders: list[str]) -> PartReducer:
         """Start reducing ``part`` from ``senders`` (we must be one of them); our own slice goes in now."""

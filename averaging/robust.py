@@ -19,19 +19,6 @@ from .checks import all_finite
 logger = logging.getLogger(__name__)
 
 
-def clip_norm(vectors: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Scale a 1-D vector, or each row of a 2-D tensor, down to L2 norm <= ``max_norm`` (a new tensor).
-
-    Vectors already within the limit are returned unchanged (bit for bit).
-    """
-    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm >= 0):
-        raise ValueError(f"max_norm must be a finite number >= 0, got {max_norm!r}")
-    if vectors.dim() not in (1, 2) or not vectors.dtype.is_floating_point:
-        raise ValueError(f"expected a 1-D or 2-D floating tensor, got shape {tuple(vectors.shape)} {vectors.dtype}")
-    norms = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
-    return vectors * _clip_factors(norms, max_norm)
-
-
 def _clip_factors(norms: torch.Tensor, tau: float) -> torch.Tensor:
     """min(1, tau / norm), computed without dividing by zero (norm 0 is never above tau)."""
     return torch.where(norms > tau, tau / norms, torch.ones_like(norms))

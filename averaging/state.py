@@ -86,13 +86,11 @@ class StateSharer:
         10 s) is how long one stays valid.
     :param piece_bytes: hashing granularity; a downloader's ranges are multiples of it.
     :param keep_previous: seconds a replaced snapshot stays servable, so in-flight downloads can finish.
-    :param serve_delay, corrupt: test-only: sleep before serving each range; flip a byte of each range served.
     """
 
     def __init__(self, dht: DHT, prefix: str, get_state: Callable[[], tuple[dict, list[torch.Tensor]]], *,
                  announce_interval: float = 30.0, announce_ttl: float | None = None, piece_bytes: int = 1 << 20,
-                 keep_previous: float = 60.0, stall_timeout: float = 10.0, serve_delay: float = 0.0,
-                 corrupt: bool = False):
+                 keep_previous: float = 60.0, stall_timeout: float = 10.0):
         if not prefix or "/" in prefix:
             raise ValueError(f"state prefix must be non-empty and contain no '/': {prefix!r}")
         if dht.client_mode:
@@ -102,7 +100,7 @@ class StateSharer:
         self.dht, self.prefix, self.get_state = dht, prefix, get_state
         self.announce_interval, self.piece_bytes, self.keep_previous = announce_interval, piece_bytes, keep_previous
         self.announce_ttl = announce_ttl or max(2 * announce_interval, 10.0)
-        self.stall_timeout, self.serve_delay, self.corrupt = stall_timeout, serve_delay, corrupt
+        self.stall_timeout = stall_timeout
         self._snapshots: dict[str, _Snapshot] = {}
         self._current: _Snapshot | None = None
         self._lock = trio.Lock()
@@ -180,15 +178,13 @@ class StateSharer:
         start, end = args.get("start"), args.get("end")
         if not (type(start) is int and type(end) is int and 0 <= start < end <= len(snap.blob)):
             raise ValueError(f"bad range {start!r}..{end!r} of a {len(snap.blob)}-byte state")
-        if self.serve_delay:
-            await trio.sleep(self.serve_delay)
-        data: Any = memoryview(snap.blob)[start:end]
-        if self.corrupt:
-            data = bytearray(data)
-            data[len(data) // 2] ^= 0xFF
-        await send_bytes(ctx.stream, data, timeout=self.stall_timeout)
+        await send_bytes(ctx.stream, await self._read_range(snap, start, end), timeout=self.stall_timeout)
         logger.debug("State %s: served bytes %d..%d of %s to %s", self.prefix, start, end, snap.sha256[:12],
                      ctx.peer_id[-8:])
+
+    async def _read_range(self, snap: "_Snapshot", start: int, end: int) -> memoryview | bytes:
+        """The bytes a ``read`` of ``start..end`` serves (fault-injection tests override this)."""
+        return memoryview(snap.blob)[start:end]
 
     def shutdown(self) -> None:
         """Stop announcing and serving (the last announcement expires within ``announce_ttl``)."""

@@ -130,33 +130,6 @@ def localize(argv: list[str], mounts: dict[str, str], volume_root: Path) -> list
     return out
 
 
-def serve_dns(listen: str, records: dict[str, str]) -> None:
-    """Answer DNS ``A`` queries for ``records`` (name -> IPv4) on UDP ``listen``:53, forever."""
-    import socket
-
-    import dns.message
-    import dns.rcode
-    import dns.rdatatype
-    import dns.rrset
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((listen, 53))
-    while True:
-        data, client = sock.recvfrom(4096)
-        try:
-            query = dns.message.from_wire(data)
-        except Exception:
-            continue
-        reply = dns.message.make_response(query)
-        for q in query.question:
-            name = q.name.to_text(omit_final_dot=True).lower()
-            if name not in records:
-                reply.set_rcode(dns.rcode.NXDOMAIN)
-            elif q.rdtype == dns.rdatatype.A:
-                reply.answer.append(dns.rrset.from_text(q.name, 5, "IN", "A", records[name]))
-        sock.sendto(reply.to_wire(), client)
-
-
 class Peer:
     """A running service: its process, its logs, and the eval lines seen on its stderr."""
 
@@ -253,7 +226,7 @@ def run_swarm(args: argparse.Namespace) -> dict:
             d.mkdir(parents=True, exist_ok=True)
             (d / "resolv.conf").write_text(f"nameserver {topo.addr(dns_host)}\noptions ndots:0 timeout:1\n")
         records = {s.name: topo.addr(i) for i, s in enumerate(services)}
-        topo.run(dns_host, [sys.executable, __file__, "serve-dns", topo.addr(dns_host), json.dumps(records)],
+        topo.run(dns_host, [sys.executable, str(REPO / "testbed" / "dns_server.py"), topo.addr(dns_host), json.dumps(records)],
                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for i, s in enumerate(services):
             for dep, condition in s.depends_on.items():
@@ -388,9 +361,6 @@ def _stop(peers) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["serve-dns"]:           # internal: the DNS server of the topology
-        serve_dns(argv[1], json.loads(argv[2]))
-        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.bandwidth_mbit < 0 or args.samples < 1 or args.timeout <= 0 or args.torch_threads < 1:

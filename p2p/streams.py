@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from .errors import P2PTimeout, ProtocolViolation, RemoteError, StreamAborted, single_errors
-from .framing import ABORT, CREDIT, DATA, END, MSG, FramedStream, pack, unpack
+from .framing import ABORT, CREDIT, DATA, END, MSG, FramedStream, unpack
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_WINDOW_BYTES = 8 << 20
@@ -194,13 +194,3 @@ async def recv_bytes(stream: FramedStream, *, into: bytearray | memoryview | Non
     if offset != size:
         raise StreamAborted(f"payload from {stream.peer_id[-8:]} ended after {offset} of {size} bytes")
     return target[:size]
-
-
-async def abort(stream: FramedStream, reason: str) -> None:
-    """Tell the other side why we give up (best effort), then reset the stream."""
-    try:
-        with trio.move_on_after(1.0):
-            await stream.write_frame(ABORT, pack(reason))
-    except Exception:
-        pass
-    await stream.reset()

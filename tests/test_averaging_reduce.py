@@ -14,7 +14,7 @@ from averaging.reduce import (
     SenderExcluded,
     UnknownSender,
 )
-from averaging.robust import centered_clip, clip_norm, weighted_median
+from averaging.robust import centered_clip, weighted_median
 
 
 def _contributions(n_senders, numel, seed):
@@ -209,16 +209,6 @@ def test_constructor_validation_and_out_and_float64():
         reducer.result(out=torch.empty(3))
     empty = PartReducer(0, ["a"])
     assert empty.is_complete() and empty.result().shape == (0,)
-
-
-def test_clip_norm():
-    vectors = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
-    clipped = clip_norm(vectors, 1.0)
-    _assert_close(clipped, torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]), atol=1e-6)
-    assert torch.equal(clipped[1], vectors[1])
-    _assert_close(clip_norm(torch.tensor([30.0, 40.0]), 5.0), torch.tensor([3.0, 4.0]), atol=1e-6)
-    with pytest.raises(ValueError):
-        clip_norm(vectors, -1.0)
 
 
 def test_weighted_median():

@@ -53,11 +53,30 @@ import logging, sys
 from p2p import setup_logging
 setup_logging("INFO")
 logging.getLogger("averaging.state").setLevel(logging.DEBUG)
+import trio
 from dht import DHT
 from averaging.state import StateSharer
+
+
+class FaultySharer(StateSharer):
+    """Faults injected from outside the sharer: a slow donor (serve_delay s per range), a lying one (corrupt)."""
+
+    def __init__(self, *args, serve_delay=0.0, corrupt=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.serve_delay, self.corrupt = serve_delay, corrupt
+
+    async def _read_range(self, snap, start, end):
+        await trio.sleep(self.serve_delay)
+        data = await super()._read_range(snap, start, end)
+        if self.corrupt:
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0xFF
+        return data
+
+
 states = [(prefix, make_state(mib, step, seed), options) for prefix, mib, step, seed, options in SHARES]
 dht = DHT(initial_peers=sys.stdin.readline().split())  # imports overlap with the first donor's start-up
-sharers = [StateSharer(dht, prefix, lambda state=state: state, **options) for prefix, state, options in states]
+sharers = [FaultySharer(dht, prefix, lambda state=state: state, **options) for prefix, state, options in states]
 for sharer in sharers:
     sharer.refresh()
 print("ADDR", dht.addrs[0], flush=True)

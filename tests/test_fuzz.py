@@ -12,6 +12,7 @@ raise it for a longer run).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import msgpack
@@ -21,12 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from averaging.compression import get_compression
-from averaging.state_format import StateFormatError, decode_state, encode_state
+from averaging.state_format import StateFormatError, decode_state, encode_state, piece_hashes, state_digest
 from dht import DHT
 from dht.records import DeserializationError, MalformedRecord, Record, deserialize
-from p2p import P2PError, P2PTimeout, RemoteError
+from p2p import P2PError, P2PTimeout, ProtocolViolation, RemoteError
 from p2p.framing import unpack
-from peer.moe.wire import InvalidTensorMessage, tensor_from_wire
+from peer.moe.wire import WIRE_DTYPES, InvalidTensorMessage, tensor_from_wire, tensor_to_wire
 
 EXAMPLES = int(os.environ.get("SWARMTRAIN_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -38,60 +39,109 @@ structures = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_s
                           max_leaves=30)
 
 
+def same_msgpack(a, b) -> bool:
+    """Equal as msgpack sees them (NaN-safe: compares the encodings)."""
+    return msgpack.packb(a, use_bin_type=True) == msgpack.packb(b, use_bin_type=True)
+
+
+def reference_unpack(data: bytes):
+    """msgpack itself, without our limits: what a successful decode must agree with (or raise)."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
 @FUZZ
-@given(st.binary(max_size=2000))
-def test_frame_decoder_rejects_garbage_cleanly(data):
+@given(st.one_of(st.binary(max_size=2000), structures.map(lambda obj: msgpack.packb(obj, use_bin_type=True))))
+def test_frame_decoder_returns_exactly_the_message_or_a_protocol_violation(data):
     try:
-        unpack(data)
-    except P2PError:
-        pass
+        value = unpack(data)
+    except ProtocolViolation:
+        return
+    assert same_msgpack(value, reference_unpack(data))
+
+
+wire_records = st.tuples(st.binary(max_size=20), st.one_of(st.none(), st.binary(max_size=20)), st.binary(max_size=40),
+                         st.one_of(st.floats(), st.integers(-(1 << 70), 1 << 70), st.booleans(), st.text(max_size=3)),
+                         st.one_of(st.none(), st.binary(max_size=70))).map(list)
 
 
 @FUZZ
-@given(st.one_of(structures, st.binary(max_size=500)))
-def test_record_decoders_reject_garbage_cleanly(obj):
+@given(st.one_of(structures, wire_records))
+def test_record_from_wire_round_trips_or_says_malformed(obj):
     try:
-        Record.from_wire(obj)
-    except (MalformedRecord, DeserializationError, ValueError):
-        pass
-    if isinstance(obj, bytes):
-        try:
-            deserialize(obj)
-        except DeserializationError:
-            pass
+        record = Record.from_wire(obj)
+    except MalformedRecord:
+        return
+    key, subkey, value, expiration, signature = obj
+    assert record.to_wire() == [key, subkey, value, float(expiration), signature]
+    assert math.isfinite(record.expiration_time) and not isinstance(expiration, bool)
 
 
 @FUZZ
-@given(structures)
-def test_wire_tensor_decoder_rejects_garbage_cleanly(obj):
+@given(st.one_of(st.binary(max_size=500), structures.map(lambda obj: msgpack.packb(obj, use_bin_type=True))))
+def test_value_decoder_returns_exactly_one_object_or_a_deserialization_error(data):
+    try:
+        value = deserialize(data)
+    except DeserializationError:
+        return
+    assert same_msgpack(value, reference_unpack(data))
+
+
+valid_tensors = st.tuples(st.sampled_from(sorted(WIRE_DTYPES)), st.lists(st.integers(0, 3), max_size=3)).map(
+    lambda spec: tensor_to_wire(torch.zeros(spec[1], dtype=WIRE_DTYPES[spec[0]])))
+
+
+def mutated(wire: list, which: int, junk) -> list:
+    out = list(wire)
+    out[which % 3] = junk
+    return out
+
+
+@FUZZ
+@given(st.one_of(structures, valid_tensors,
+                 st.builds(mutated, valid_tensors, st.integers(0, 2), st.one_of(structures, st.binary(max_size=30)))))
+def test_wire_tensor_decoder_decodes_exactly_or_says_invalid(obj):
     try:
         t = tensor_from_wire(obj)
     except InvalidTensorMessage:
         return
-    assert isinstance(t, torch.Tensor)
+    dtype, shape, data = obj
+    assert t.dtype == WIRE_DTYPES[dtype] and list(t.shape) == list(shape)
+    assert tensor_to_wire(t) == [dtype, list(shape), bytes(data)]
 
 
 @FUZZ
 @given(st.binary(max_size=3000), st.integers(0, 4000))
-def test_state_blob_decoder_rejects_garbage_and_corruption_cleanly(noise, position):
-    good = encode_state({"step": 3}, [torch.arange(10, dtype=torch.float32), torch.ones(2, 3)])
+def test_state_blob_decoder_rejects_garbage_and_corruption_with_its_own_error(noise, position):
+    metadata, tensors = {"step": 3}, [torch.arange(10, dtype=torch.float32), torch.ones(2, 3)]
+    good = encode_state(metadata, tensors)
+    digest = state_digest(piece_hashes(good, 4096))
     corrupted = bytearray(good)
     corrupted[position % len(corrupted)] ^= 0xFF
     for blob in (noise, bytes(corrupted), good[: position % len(good)]):
         try:
             decode_state(blob)
         except StateFormatError:
-            pass
+            continue
+        # a flip inside tensor data or padding still decodes: the downloader's hash check is what refuses it
+        assert blob == bytes(corrupted) and state_digest(piece_hashes(blob, 4096)) != digest
+    decoded_metadata, decoded = decode_state(good)
+    assert decoded_metadata["step"] == 3 and all(torch.equal(a, b) for a, b in zip(decoded, tensors))
 
 
 @FUZZ
 @given(st.sampled_from(["fp16", "int8", "int4", "none"]), st.binary(max_size=5000), st.integers(0, 5000))
-def test_decompress_rejects_wrong_sizes_cleanly(name, blob, count):
-    try:
-        out = get_compression(name).decompress(blob, count)
-    except ValueError:
+def test_decompress_accepts_exactly_its_own_size(name, blob, count):
+    compression = get_compression(name)
+    if len(blob) != compression.bytes_for(count):
+        with pytest.raises(ValueError, match="must be"):
+            compression.decompress(blob, count)
         return
-    assert out.numel() == count
+    try:
+        out = compression.decompress(blob, count)
+    except ValueError as e:                    # the right size, but a block header that is not a number
+        assert name in ("int8", "int4") and "corrupt" in str(e)
+        return
+    assert out.numel() == count and out.dtype == torch.float32
 
 
 @FUZZ

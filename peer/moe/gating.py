@@ -185,36 +185,6 @@ def beam_search_coords(scores: Sequence[torch.Tensor], k: int, is_alive: IsAlive
     return coords, found
 
 
-def beam_search(scores: Sequence[torch.Tensor], k: int, is_alive: IsAlive, prefix: str,
-                beam_size: int | None = None) -> list[list[str]]:
-    """Return, for each sample, the UIDs of its top-k alive experts, best first (maybe fewer than k).
-
-    ``is_alive(names)`` receives a list of prefixes (``"ffn.3."``) or full UIDs and returns the subset
-    that has at least one alive expert; it is called once per grid dimension. See
-    :func:`beam_search_coords` for the algorithm.
-    """
-    coords, found = beam_search_coords(scores, k, is_alive, prefix, beam_size)
-    return [[make_uid(prefix, c) for c, ok in zip(row_coords, row_found) if ok]
-            for row_coords, row_found in zip(coords.tolist(), found.tolist())]
-
-
-def uids_to_coords(uids: Sequence[Sequence[str]], k: int, grid_size: Sequence[int],
-                   prefix: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn per-sample UID lists (at most k each) into ``(coords [batch, k, D] long, found [batch, k] bool)``."""
-    coords = torch.zeros(len(uids), k, len(grid_size), dtype=torch.long)
-    found = torch.zeros(len(uids), k, dtype=torch.bool)
-    for b, sample_uids in enumerate(uids):
-        if len(sample_uids) > k or len(set(sample_uids)) != len(sample_uids):
-            raise ValueError(f"sample {b}: expected at most {k} distinct UIDs, got {list(sample_uids)}")
-        for j, uid in enumerate(sample_uids):
-            uid_prefix_, uid_coords = parse_uid(uid, grid_size)
-            if prefix is not None and uid_prefix_ != prefix:
-                raise InvalidUIDError(f"UID {uid!r} does not belong to prefix {prefix!r}")
-            coords[b, j] = torch.tensor(uid_coords)
-            found[b, j] = True
-    return coords, found
-
-
 def expert_logits(scores: Sequence[torch.Tensor], coords: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
     """Return the chosen experts' scores ``[batch, k]`` (sum over dimensions; -inf where not found).
 

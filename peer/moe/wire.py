@@ -35,7 +35,7 @@ def tensor_to_wire(tensor: torch.Tensor) -> list:
     if tensor.dtype not in _NAMES:
         raise InvalidTensorMessage(f"cannot send a {tensor.dtype} tensor; supported: {sorted(WIRE_DTYPES)}")
     tensor = tensor.detach().to("cpu").contiguous()
-    data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""  # 0-dim too
     if sys.byteorder != "little":  # pragma: no cover - every platform torch supports today is little-endian
         raise InvalidTensorMessage("big-endian hosts are not supported by the tensor wire format")
     return [_NAMES[tensor.dtype], list(tensor.shape), data]

@@ -19,12 +19,24 @@ Modes:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .trainer import TrainConfig, Trainer
+from .train_config import TrainConfig
+
+
+class Loop(Protocol):
+    """What a strategy uses of the trainer that drives it (:class:`~peer.training.trainer.Trainer`)."""
+
+    step: int
+    samples_since_sync: int
+
+    def average(self, weight: float) -> bool: ...
+    def take_snapshot(self) -> None: ...
+    def catch_up(self) -> bool: ...
+    def publish_progress(self) -> None: ...
+    def announce_state(self) -> None: ...
 
 PROGRESS_STEPS = 10  # with --sync grad, publish progress (and read the swarm's) every this many steps
 
@@ -42,13 +54,13 @@ class GradSync:
     error_feedback = False
     set_grads_to_none = False   # the averager holds the .grad tensors: they must stay the same objects
 
-    def __init__(self, dense: list[torch.Tensor], opt: torch.optim.Optimizer, config: "TrainConfig"):
+    def __init__(self, dense: list[torch.Tensor], opt: torch.optim.Optimizer, config: TrainConfig):
         self.dense, self.opt, self.config = dense, opt, config
         for p in dense:
             p.grad = torch.zeros_like(p)
         self.tensors = [p.grad for p in dense]
 
-    def after_backward(self, trainer: "Trainer", samples: int) -> None:
+    def after_backward(self, trainer: Loop, samples: int) -> None:
         trainer.average(weight=samples)
         clip_and_step(self.dense, self.opt)
         if trainer.step % self.config.eval_every == 0:
@@ -79,19 +91,19 @@ class DiLoCoSync:
     error_feedback = True
     set_grads_to_none = True
 
-    def __init__(self, dense: list[torch.Tensor], opt: torch.optim.Optimizer, config: "TrainConfig"):
+    def __init__(self, dense: list[torch.Tensor], opt: torch.optim.Optimizer, config: TrainConfig):
         self.dense, self.opt, self.config = dense, opt, config
         self.anchor = [p.detach().clone() for p in dense]
         self.tensors = self.outer_grad = [torch.zeros_like(p) for p in dense]
         self.outer_opt = torch.optim.SGD(self.anchor, lr=config.outer_lr, momentum=config.outer_momentum,
                                          nesterov=True)
 
-    def after_backward(self, trainer: "Trainer", samples: int) -> None:
+    def after_backward(self, trainer: Loop, samples: int) -> None:
         clip_and_step(self.dense, self.opt)
         if trainer.step % self.config.local_steps == 0:
             self.outer_step(trainer)
 
-    def outer_step(self, trainer: "Trainer") -> None:
+    def outer_step(self, trainer: Loop) -> None:
         """Average pseudo-gradients, apply them to the anchor with Nesterov SGD, restart from it.
 
         Averaging pseudo-gradients never brings two different anchors back together, so a trainer that

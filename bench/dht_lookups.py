@@ -1,6 +1,6 @@
 """DHT benchmark: latency, success rate, memory and start-up time of a swarm of real processes.
 
-    python bench/dht.py --nodes 32 --ops 200 [--procs 4] [--vs-hivemind] [--json]
+    python bench/dht_lookups.py --nodes 32 --ops 200 [--procs 4] [--vs-hivemind] [--json]
 
 Layout: one process hosting exactly ONE node (what a volunteer runs; its memory is reported on its
 own as ``pss_mib_single_node_process``) plus ``--procs`` processes hosting the other N-1 nodes
