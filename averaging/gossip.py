@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import trio
 
-from dht import get_dht_time
+from dht import get_dht_time, subkey_entries
 
 if TYPE_CHECKING:
     from .averager import Averager
@@ -90,10 +90,7 @@ class Gossip:
 
     async def adisagreement(self) -> float | None:
         found = await self.av.dht.aget(f"{self.key}.samples", latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return None
-        rows = [item.value for item in found.value.values()
-                if isinstance(item.value, list) and len(item.value) == len(self.sample_index)]
+        rows = [e.value for e in subkey_entries(found, list) if len(e.value) == len(self.sample_index)]
         if len(rows) < 2:
             return None
         x = torch.tensor(rows, dtype=torch.float64)

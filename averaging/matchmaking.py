@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from dht import DHT, get_dht_time
+from dht import DHT, get_dht_time, subkey_entries
 from p2p import P2PError, RemoteError
 
 from .bans import BanList
@@ -179,11 +179,7 @@ class Matchmaker:
         """Fresh announcements of peers with our tensor signature (others are noted in ``self.mismatched``)."""
         out = []
         self.mismatched = set()
-        entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        for peer_id, item in entries.items():
-            value = getattr(item, "value", None)
-            if not isinstance(peer_id, str) or not isinstance(value, dict):
-                continue
+        for peer_id, value, _ in subkey_entries(found):
             t, bw = value.get("t"), value.get("bw")
             if not isinstance(t, (int, float)) or t < announced_at - self.deadlines.stale_after:
                 continue  # malformed, or a stale announcement from an earlier round

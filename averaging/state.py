@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import trio
 
-from dht import DHT, get_dht_time
+from dht import DHT, get_dht_time, subkey_entries
 from p2p import P2PError, ProtocolViolation, RemoteError, ServiceLimits, StreamAborted
 from p2p.framing import FramedStream
 from p2p.rpc import read_reply
@@ -213,8 +213,7 @@ class _Offer:
 def _parse_offers(entry: Any, exclude: str, max_nbytes: int) -> dict[_Offer, list[tuple[str, list[str]]]]:
     """Valid announcements grouped by offered state; malformed ones are skipped."""
     offers: dict[_Offer, list[tuple[str, list[str]]]] = {}
-    for peer_id, item in (entry.value.items() if entry is not None and isinstance(entry.value, dict) else ()):
-        v = item.value
+    for peer_id, v, _ in subkey_entries(entry):
         try:
             offer = _Offer(v["step"], v["sha256"], v["nbytes"], v["piece_bytes"])
             ok = (type(offer.step) is int and offer.step >= 0 and type(offer.nbytes) is int
@@ -223,7 +222,7 @@ def _parse_offers(entry: Any, exclude: str, max_nbytes: int) -> dict[_Offer, lis
                   and isinstance(offer.sha256, str) and len(offer.sha256) == 64 and isinstance(v["addrs"], list))
         except (KeyError, TypeError):
             ok = False
-        if not ok or not isinstance(peer_id, str):
+        if not ok:
             logger.debug("Ignoring a malformed state announcement from %r", peer_id)
         elif peer_id != exclude:
             offers.setdefault(offer, []).append((peer_id, [a for a in v["addrs"][:8] if isinstance(a, str)]))

@@ -180,6 +180,25 @@ class ValueWithExpiration(NamedTuple):
     expiration_time: float
 
 
+class SubkeyEntry(NamedTuple):
+    """One entry of a sub-keyed DHT value: who wrote it (its sub-key, a peer ID), what, and until when."""
+
+    subkey: str
+    value: Any
+    expiration_time: float
+
+
+def subkey_entries(found: ValueWithExpiration | None, kind: type | tuple[type, ...] = dict) -> list[SubkeyEntry]:
+    """The entries of a value stored with sub-keys (what ``DHT.get(key, latest=True)`` returns for it), sorted
+    by sub-key. Only string sub-keys whose value is a ``kind`` are kept: a peer's malformed entry is skipped,
+    never an error of the reader."""
+    if found is None or not isinstance(found.value, dict):
+        return []
+    out = [SubkeyEntry(subkey, item.value, float(item.expiration_time)) for subkey, item in found.value.items()
+           if isinstance(subkey, str) and isinstance(item, ValueWithExpiration) and isinstance(item.value, kind)]
+    return sorted(out, key=lambda e: e.subkey)
+
+
 def _check_bytes(name: str, value: Any, optional: bool) -> bytes | None:
     if value is None and optional:
         return None

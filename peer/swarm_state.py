@@ -33,22 +33,10 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from dht import DHT, ValueWithExpiration, get_dht_time
+from dht import DHT, ValueWithExpiration, get_dht_time, subkey_entries
 
 from peer.config import ModelConfig, training_keys, training_prefix
 from peer.moe.directory import parse_declarations
-
-def _entries(value: ValueWithExpiration | None) -> list[tuple[str, dict, float]]:
-    """``(sub-key, payload, expiration)`` of a sub-keyed DHT value whose sub-keys are peer IDs; junk skipped."""
-    if value is None or not isinstance(value.value, dict):
-        return []
-    out = []
-    for subkey, item in value.value.items():
-        payload = getattr(item, "value", None)
-        if isinstance(subkey, str) and isinstance(payload, dict):
-            out.append((subkey, payload, float(item.expiration_time)))
-    return sorted(out, key=lambda e: e[0])
-
 
 def _number(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
@@ -93,7 +81,7 @@ def expert_hosts(found: dict[str, ValueWithExpiration | None], config: ModelConf
 def training_progress(value: ValueWithExpiration | None) -> list[dict]:
     """Rows ``{"peer_id", "step", "samples", "loss", "t", "age_s"}`` of a ``<prefix>.progress`` value."""
     now, rows = get_dht_time(), []
-    for peer_id, payload, _expiration in _entries(value):
+    for peer_id, payload, _expiration in subkey_entries(value):
         step, samples, t = payload.get("step"), payload.get("samples"), _number(payload.get("t"))
         if not (isinstance(step, int) and isinstance(samples, int) and t is not None):
             continue
@@ -110,7 +98,7 @@ def averaging_announcements(value: ValueWithExpiration | None) -> list[dict]:
     its round (its tombstone outlives the announcement by a moment); ``t`` is None for "done".
     """
     now, rows = get_dht_time(), []
-    for peer_id, payload, expiration in _entries(value):
+    for peer_id, payload, expiration in subkey_entries(value):
         if expiration <= now:
             continue
         bandwidth = _number(payload.get("bw"))
@@ -146,7 +134,7 @@ def averaging_rounds(announcements: Iterable[dict]) -> list[dict]:
 def state_offers(value: ValueWithExpiration | None) -> list[dict]:
     """Rows ``{"peer_id", "step", "megabytes", "addrs", "expires_in_s"}`` of ``<prefix>.state``."""
     now, rows = get_dht_time(), []
-    for peer_id, payload, expiration in _entries(value):
+    for peer_id, payload, expiration in subkey_entries(value):
         nbytes = _number(payload.get("nbytes"))
         addrs = payload.get("addrs")
         if expiration <= now or nbytes is None:

@@ -235,3 +235,14 @@ def test_final_state_does_not_depend_on_arrival_order(items, plain, rnd):
     for key in ("k1", "k2"):
         exps = [r.expiration_time for r in records if r.key == Record.create(key, 0, 1).key]
         assert first.get_expiration(kid(key)) == (max(exps) if exps else None)
+
+
+def test_subkey_entries_keep_well_formed_entries_sorted_and_skip_junk():
+    from dht import SubkeyEntry, ValueWithExpiration, subkey_entries
+
+    found = ValueWithExpiration({"b": ValueWithExpiration({"x": 1}, 20.0), "a": ValueWithExpiration({"y": 2}, 10),
+                                 "c": ValueWithExpiration([1, 2], 30.0), 7: ValueWithExpiration({"z": 3}, 5.0),
+                                 "d": "not a ValueWithExpiration"}, 30.0)
+    assert subkey_entries(found) == [SubkeyEntry("a", {"y": 2}, 10.0), SubkeyEntry("b", {"x": 1}, 20.0)]
+    assert subkey_entries(found, list) == [SubkeyEntry("c", [1, 2], 30.0)]
+    assert subkey_entries(None) == [] and subkey_entries(ValueWithExpiration(b"plain", 1.0)) == []

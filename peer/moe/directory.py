@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import trio
 
-from dht import DHT, Record, get_dht_time
+from dht import DHT, Record, get_dht_time, subkey_entries
 from peer.moe.gating import parse_uid
 
 logger = logging.getLogger(__name__)
@@ -86,19 +86,14 @@ class ServerEntry:
 
 def parse_declarations(value: Any) -> list[ServerEntry]:
     """Server entries of a key's DHT value (``dht.get`` result); malformed or tombstoned entries are skipped."""
-    if value is None or not isinstance(value.value, dict):
-        return []
     out = []
-    for peer_id, item in value.value.items():
-        payload = getattr(item, "value", None)
-        if not (isinstance(peer_id, str) and isinstance(payload, dict)):
-            continue
+    for peer_id, payload, expiration_time in subkey_entries(value):
         uids, addrs = payload.get("uids"), payload.get("addrs", [])
         if not (isinstance(uids, list) and uids and all(isinstance(u, str) for u in uids)):
             continue  # a tombstone ([]) or garbage
         if not (isinstance(addrs, list) and all(isinstance(a, str) for a in addrs)):
             addrs = []
-        out.append(ServerEntry(peer_id, tuple(addrs), frozenset(uids), float(item.expiration_time)))
+        out.append(ServerEntry(peer_id, tuple(addrs), frozenset(uids), expiration_time))
     return out
 
 

@@ -28,7 +28,7 @@ import torch
 
 from averaging import Averager, AveragerConfig
 from averaging.state import StateDownloadError, StateSharer, download_state
-from dht import DHT, get_dht_time
+from dht import DHT, get_dht_time, subkey_entries
 
 from peer.checkpoint import load_checkpoint, save_checkpoint
 from peer.config import ModelConfig, progress_key, training_prefix
@@ -196,8 +196,8 @@ class Trainer:
         mine = {"samples": self.samples, "step": self.step, "loss": self.loss_ema, "t": get_dht_time()}
         self.dht.store(key, mine, get_dht_time() + 60, subkey=self.dht.peer_id)
         found = self.dht.get(key, latest=True)
-        if found is not None and isinstance(found.value, dict):
-            entries = [v.value for v in found.value.values() if isinstance(v.value, dict)]
+        entries = [e.value for e in subkey_entries(found)]
+        if entries:
             total = sum(int(e.get("samples", 0)) for e in entries)
             self.global_samples = max(self.global_samples, total)
             self.trainers_seen, self.samples_seen_at = max(1, len(entries)), self.samples
