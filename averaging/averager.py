@@ -110,7 +110,8 @@ class Averager:
         self.results = [torch.empty_like(self.buffer.buffer), torch.empty_like(self.buffer.buffer)]
         self.round_config = round_config(c, self.buffer.numel, f"averager.{prefix}")
         signature = self.buffer.signature()
-        self.matchmaker = Matchmaker(dht, self.round_config.service, prefix,
+        self.tasks = self.node.task_group(f"averager {prefix}")   # forgetting finished rounds, tombstones
+        self.matchmaker = Matchmaker(dht, self.tasks, self.round_config.service, prefix,
                                      Member(self.peer_id, self.bandwidth, self.client_mode), repr(signature),
                                      self.bans, target_group_size=c.target_group_size,
                                      min_group_size=c.min_group_size, matchmaking_time=c.matchmaking_time)
@@ -184,7 +185,7 @@ class Averager:
                 result.group_size, result.peers = len(round_.members), list(round_.peer_ids)
                 result.bytes_sent, result.bytes_received = round_.stats.bytes_sent, round_.stats.bytes_received
                 result.excluded, result.repaired_parts = sorted(round_.stats.excluded), round_.stats.repaired_parts
-                self.node.spawn(self._forget_round, round_.round_id)
+                self.tasks.spawn(self._forget_round, round_.round_id)
             if scope.cancelled_caught:
                 result.ok, result.reason = False, f"round did not finish within {budget:.1f}s"
             elif not result.ok:
@@ -231,6 +232,7 @@ class Averager:
                     await trio.sleep(0.1)
         if self.node.is_running:
             self.node.run(drain)
+        self.tasks.close()
 
     # ------------------------------------------------------------------ RPC handlers
     async def _round(self, args: Any) -> AllReduceRound:

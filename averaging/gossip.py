@@ -42,39 +42,40 @@ class Gossip:
         generator = torch.Generator().manual_seed(int.from_bytes(averager.prefix.encode()[:8].ljust(8, b"\0"), "big"))
         self.sample_index = torch.randperm(numel, generator=generator)[: min(sample_size, numel)].sort().values
         self.rounds = self.failures = 0
-        self._cancel: trio.CancelScope | None = None
-        self.running = False
+        self.tasks = None   # the gossip loop, while it runs
 
     @property
     def key(self) -> str:
         return f"{self.av.prefix}.gossip"
 
+    @property
+    def running(self) -> bool:
+        return self.tasks is not None and not self.tasks.closed
+
     def start(self) -> None:
         """Begin gossiping in the node's background (returns immediately)."""
         if not self.running:
-            self.running = True
-            self.av.node.spawn(self._loop)
+            self.tasks = self.av.node.task_group(f"gossip {self.key}")
+            self.tasks.spawn(self._loop)
 
     def stop(self) -> None:
-        """Stop after the current exchange is cancelled (prompt; tensors stay consistent)."""
-        self.running = False
-        if self._cancel is not None:
-            self.av.node.run_sync_soon(self._cancel.cancel)
+        """Cancel the gossip loop, the current exchange included (prompt; tensors stay consistent: a round
+        writes them only once it has every part)."""
+        if self.tasks is not None:
+            self.tasks.close()
 
     async def _loop(self) -> None:
-        with trio.CancelScope() as scope:
-            self._cancel = scope
-            while self.running:
-                await self.publish_sample()
-                try:
-                    result = await self.av.astep(1.0, group_key=self.key, group_size=self.group_size, as_delta=True)
-                except ValueError as e:  # e.g. our own tensors became NaN: say so and stop
-                    logger.warning("Gossip stopped: %s", e)
-                    self.running = False
-                    return
-                self.rounds += result.ok
-                self.failures += not result.ok
-                await trio.sleep(self.period)
+        while True:
+            await self.publish_sample()
+            try:
+                result = await self.av.astep(1.0, group_key=self.key, group_size=self.group_size, as_delta=True)
+            except ValueError as e:  # e.g. our own tensors became NaN: say so and stop
+                logger.warning("Gossip stopped: %s", e)
+                self.tasks.close()
+                return
+            self.rounds += result.ok
+            self.failures += not result.ok
+            await trio.sleep(self.period)
 
     async def publish_sample(self) -> None:
         """Publish our sampled coordinates (for disagreement estimates) for a few seconds."""

@@ -32,6 +32,7 @@ import trio
 
 from dht import DHT, get_dht_time, subkey_entries
 from p2p import P2PError, RemoteError
+from p2p.tasks import TaskGroup
 
 from .bans import BanList
 from .group import Member
@@ -103,16 +104,17 @@ class Gathering:
 class Matchmaker:
     """Forms groups for one averager; also serves its ``join`` RPC (the averager routes it here).
 
-    :param dht: the running DHT to announce in and read from; ``service``: the averager's RPC service.
+    :param dht: the running DHT to announce in and read from; ``tasks``: the averager's background tasks.
+    :param service: the averager's RPC service.
     :param prefix: names the rounds this matchmaker's groups run.
     :param me: this peer as it announces itself (its bandwidth, whether it is in client mode).
     :param signature: text describing our tensors' shapes and dtypes; peers announcing another are refused.
     :param bans: peers we neither lead nor follow.
     """
 
-    def __init__(self, dht: DHT, service: str, prefix: str, me: Member, signature: str, bans: BanList, *,
-                 target_group_size: int, min_group_size: int, matchmaking_time: float):
-        self.dht, self.service, self.prefix, self.me, self.bans = dht, service, prefix, me, bans
+    def __init__(self, dht: DHT, tasks: TaskGroup, service: str, prefix: str, me: Member, signature: str,
+                 bans: BanList, *, target_group_size: int, min_group_size: int, matchmaking_time: float):
+        self.dht, self.tasks, self.service, self.prefix, self.me, self.bans = dht, tasks, service, prefix, me, bans
         self.signature_text, self.signature_hash = signature, hashlib.sha256(signature.encode()).hexdigest()[:16]
         self.target_group_size, self.min_group_size = target_group_size, min_group_size
         self.matchmaking_time = matchmaking_time
@@ -159,7 +161,7 @@ class Matchmaker:
             self.decided.set()
             tombstone = self.dht.make_record(group_key, {"done": True, "sig": self.signature_hash, "t": announced_at},
                                              expiration + 1e-3, subkey=me.peer_id)
-            self.dht.node.spawn(lambda: self.dht.astore_many([tombstone], republish=False))
+            self.tasks.spawn(lambda: self.dht.astore_many([tombstone], republish=False))
 
     async def _gather(self, group_key: str, announced_at: float) -> list[tuple[float, str, Member]]:
         deadline = trio.current_time() + self.matchmaking_time

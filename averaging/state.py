@@ -104,11 +104,21 @@ class StateSharer:
         self._snapshots: dict[str, _Snapshot] = {}
         self._current: _Snapshot | None = None
         self._lock = trio.Lock()
-        self._scope: trio.CancelScope | None = None
+        self.tasks = dht.node.task_group(f"state sharer {prefix}")
         self.closed = False
         dht.node.serve(f"state.{prefix}", {"pieces": self._serve_pieces, "read": self._serve_read},
                        limits=ServiceLimits(max_message_bytes=MAX_PIECES * 32 + 4096, handler_timeout=120.0))
-        dht.node.spawn(self._announce_loop)
+        self.tasks.spawn(self._announce_loop)
+
+    def announce_soon(self) -> None:
+        """Announce the current state now, in the background (not up to ``announce_interval`` later)."""
+        self.tasks.spawn(self._announce_once)
+
+    async def _announce_once(self) -> None:
+        try:
+            await self.arefresh()
+        except Exception as e:  # e.g. shutting down; the announce loop tries again within announce_interval
+            logger.debug("State %s: announcement failed: %s: %s", self.prefix, type(e).__name__, e)
 
     def refresh(self, force: bool = False) -> dict:
         """Blocking :meth:`arefresh`."""
@@ -152,13 +162,13 @@ class StateSharer:
                 del self._snapshots[sha]
 
     async def _announce_loop(self) -> None:
-        with trio.CancelScope() as self._scope:
-            while not self.closed:
-                try:
-                    await self.arefresh()
-                except Exception as e:  # a failing get_state or DHT must not end sharing; retry next period
-                    logger.warning("State %s: announcement failed: %s: %s", self.prefix, type(e).__name__, e)
-                await trio.sleep(self.announce_interval)
+        """Announce every ``announce_interval`` until :meth:`shutdown` cancels our tasks."""
+        while True:
+            try:
+                await self.arefresh()
+            except Exception as e:  # a failing get_state or DHT must not end sharing; retry next period
+                logger.warning("State %s: announcement failed: %s: %s", self.prefix, type(e).__name__, e)
+            await trio.sleep(self.announce_interval)
 
     def _snapshot(self, args: Any) -> _Snapshot:
         sha = args.get("sha256") if isinstance(args, dict) else None
@@ -188,17 +198,16 @@ class StateSharer:
 
     def shutdown(self) -> None:
         """Stop announcing and serving (the last announcement expires within ``announce_ttl``)."""
-        self.closed = True
+        self.closed = True      # serves nothing from now on (reads in flight fail on a missing snapshot)
+        self.tasks.close()
         if self.dht.node.is_running:
-            self.dht.node.run_sync_soon(self._close)
+            self.dht.node.run_sync_soon(self._forget_snapshots)
         else:
-            self._close()
+            self._forget_snapshots()
 
-    def _close(self) -> None:
+    def _forget_snapshots(self) -> None:
         self._snapshots.clear()
         self._current = None
-        if self._scope is not None:
-            self._scope.cancel()
 
 
 # ------------------------------------------------------------------------------------------ downloader

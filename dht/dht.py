@@ -77,26 +77,26 @@ class DHT:
         self.validator = CompositeValidator([OwnerSignatureValidator(), SchemaValidator(), *validators])
         self._owned: dict[tuple[DHTID, bytes | None], Record] = {}
         self.protocol: DHTProtocol | None = None
-        self._running = False
+        self.tasks = None   # our background tasks (maintenance, replica stores), in a nursery of their own
         if start:
             self.start()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "DHT":
         """Start the node, join through the initial peers and begin maintenance. Idempotent."""
-        if self._running:
+        if self.tasks is not None and not self.tasks.closed:
             return self
         self.node.start()
+        self.tasks = self.node.task_group(f"dht {self.peer_id[-8:]}")
         self.protocol = DHTProtocol(self.node, self.routing, self.storage, self.validator, self.config,
-                                    self.client_mode)
+                                    self.client_mode, self.tasks)
         try:
             self.node.run(self.bootstrap)
         except BaseException:
             if self._owns_node:
                 self.node.stop()
             raise
-        self.node.spawn(self._maintain)
-        self._running = True
+        self.tasks.spawn(self._maintain)
         return self
 
     async def bootstrap(self, initial_peers: Sequence[str] | None = None) -> int:
@@ -129,8 +129,9 @@ class DHT:
         return len(self.routing)
 
     def shutdown(self) -> None:
-        """Stop maintenance and, if this DHT created its node, stop the node."""
-        self._running = False
+        """Stop maintenance (our tasks are cancelled) and, if this DHT created its node, stop the node."""
+        if self.tasks is not None:
+            self.tasks.close()
         if self._owns_node:
             self.node.stop()
 
@@ -260,7 +261,7 @@ class DHT:
         records = list(value.values()) if isinstance(value, dict) else [value] if value else []
         for peer in found.nearest:
             if peer.peer_id not in found.holders:
-                self.node.spawn(self.protocol.store, peer, records)
+                self.tasks.spawn(self.protocol.store, peer, records)
                 return
 
     # ------------------------------------------------------------------ sync API

@@ -23,6 +23,7 @@ from p2p import Node, P2PError, ServiceLimits
 from p2p.errors import RemoteError
 from p2p.host import ADDR_TTL
 from p2p.rpc import CallContext
+from p2p.tasks import TaskGroup
 
 from .config import DHTConfig
 from .records import DHTID, MalformedRecord, Record, get_dht_time
@@ -63,8 +64,9 @@ class DHTProtocol:
     """Serves the DHT RPCs of one node and calls those of others, keeping the routing table fresh."""
 
     def __init__(self, node: Node, routing: RoutingTable, storage: RecordStore, validator: RecordValidator,
-                 config: DHTConfig, client_mode: bool):
+                 config: DHTConfig, client_mode: bool, tasks: TaskGroup):
         self.node, self.routing, self.storage, self.validator = node, routing, storage, validator
+        self.tasks = tasks  # the owning DHT's background tasks (stale-peer checks)
         self.config, self.client_mode = config, client_mode
         self.node_id = routing.node_id
         self._checking: set[int] = set()
@@ -149,7 +151,7 @@ class DHTProtocol:
         stale = self.routing.add_or_update(peer)
         if stale is not None and stale.node_id not in self._checking:
             self._checking.add(stale.node_id)
-            self.node.spawn(self._check_stale, stale, peer)
+            self.tasks.spawn(self._check_stale, stale, peer)
 
     async def _check_stale(self, stale: PeerInfo, newcomer: PeerInfo) -> None:
         try:

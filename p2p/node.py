@@ -27,6 +27,7 @@ from .framing import MAX_FRAME_BYTES, STREAM_TIMEOUT, FramedStream
 from .host import ADDR_TTL, DIAL_TIMEOUT, Host
 from .identity import load_or_create_identity, peer_id_of
 from .rpc import Handler, RPCServer, ServiceLimits, call
+from .tasks import TaskGroup
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._stop_requested: trio.Event | None = None
         self.bulk = BulkPlane(self.host, bulk_port) if bulk_port is not None else None
+        self._tasks = self.task_group("node")
         if start:
             self.start()
 
@@ -230,19 +232,24 @@ class Node:
         self._token.run_sync_soon(fn, *args)
 
     def spawn(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Start a background task in the node's nursery; it is cancelled when the node stops.
+        """Start a background task of the node itself; it is cancelled when the node stops. Components start
+        theirs in a :meth:`task_group` of their own, so that stopping one cancels just its tasks.
 
         A task that raises is logged and ends alone: one broken background task (a batcher, a heartbeat)
         must not take down the node and every service on it."""
-        if self._nursery is None:
-            raise P2PError("node is not running")
+        self._tasks.spawn(async_fn, *args)
 
-        async def guarded() -> None:
-            try:
-                await async_fn(*args)
-            except Exception:
-                logger.exception("Background task %s failed", getattr(async_fn, "__qualname__", async_fn))
-        self.run_sync_soon(self._nursery.start_soon, guarded)
+    def task_group(self, name: str) -> TaskGroup:
+        """A nursery of its own, inside the node's, for one component's background tasks (:mod:`p2p.tasks`)."""
+        return TaskGroup(self._schedule, lambda fn: self._nursery.start_soon(fn), name)
+
+    def _schedule(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._nursery is None or self._token is None:
+            raise P2PError("node is not running")
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            raise P2PError("node is not running") from None
 
     # ---------------------------------------------------------------- RPC
     def serve(self, service: str, methods: dict[str, Handler], *, version: str = "1",

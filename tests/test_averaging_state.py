@@ -59,7 +59,7 @@ from averaging.state import StateSharer
 
 
 class FaultySharer(StateSharer):
-    """Faults injected from outside the sharer: a slow donor (serve_delay s per range), a lying one (corrupt)."""
+    # faults injected from outside the sharer: a slow donor (serve_delay s per range), a lying one (corrupt)
 
     def __init__(self, *args, serve_delay=0.0, corrupt=False, **kwargs):
         super().__init__(*args, **kwargs)

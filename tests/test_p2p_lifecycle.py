@@ -170,3 +170,44 @@ def assert_exits_on_sigint(child):
         pytest.fail(f"node process ignored SIGINT for 2 s; log:\n{child.log()}")
     assert time.monotonic() - start < 2.0
     assert "KeyboardInterrupt" in child.log()
+
+
+def test_closing_a_task_group_cancels_its_tasks_and_only_those():
+    with Node(swarm="lifecycle") as node:
+        mine, other = node.task_group("mine"), node.task_group("other")
+        started, cancelled, other_ticks = threading.Event(), threading.Event(), []
+
+        async def worker():
+            started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled.set()
+
+        async def ticker():
+            while True:
+                other_ticks.append(1)
+                await trio.sleep(0.01)
+        mine.spawn(worker)
+        other.spawn(ticker)
+        assert started.wait(5)
+        mine.close()
+        assert cancelled.wait(5)                      # closing cancels what runs now...
+        mine.spawn(worker)                            # ...and nothing starts in a closed group
+        before = len(other_ticks)
+        time.sleep(0.2)
+        assert len(other_ticks) > before              # the other component's task runs on
+        assert not started.wait(0) or cancelled.is_set()
+        started.clear()
+        time.sleep(0.1)
+        assert not started.is_set()
+    mine.close()                                      # closing after the node stopped is harmless
+
+
+def test_a_dht_sharing_a_node_stops_its_maintenance_when_shut_down():
+    from dht import DHT
+    with Node(swarm="lifecycle") as node:
+        dht = DHT(node=node)
+        assert dht.tasks is not None and not dht.tasks.closed
+        dht.shutdown()
+        assert dht.tasks.closed and node.is_running   # the node is not ours to stop

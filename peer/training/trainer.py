@@ -155,13 +155,7 @@ class Trainer:
     def announce_state(self) -> None:
         """Announce our new state now (in the background), not up to ``share_every`` later."""
         if self.sharer is not None:
-            self.dht.node.spawn(self._announce_state)
-
-    async def _announce_state(self) -> None:
-        try:
-            await self.sharer.arefresh()
-        except Exception as e:  # e.g. shutting down; the sharer's own loop announces within share_every
-            logger.debug("Announcing our state failed: %s: %s", type(e).__name__, e)
+            self.sharer.announce_soon()
 
     # ------------------------------------------------------------------ evaluation, progress, checkpoints
     @torch.no_grad()
