@@ -301,7 +301,7 @@ class AllReduceRound:
     def _transfer_budget(self) -> float:
         nbytes = self.compression.bytes_for(self.local.numel())
         slowest = min((m.bandwidth for m in self.members if m.bandwidth > 0), default=1.0)
-        return nbytes / slowest + 2 * self.chunk_timeout
+        return nbytes / slowest + self.config.start_timeout
 
     async def repair(self, missing: list[int]) -> None:
         """Phase 3: fetch parts others hold; re-reduce parts nobody holds among responsive members."""
@@ -380,5 +380,5 @@ class AllReduceRound:
             raise ValueError(f"we do not hold part {part} of round {self.round_id[-8:]}")
         values = self.part_values(part)
         sender = PayloadSender(stream, window_bytes=self.config.window_bytes, timeout=self.chunk_timeout)
-        await sender.send_buffer(memoryview(values.numpy()).cast("B"), chunk_bytes=1 << 20)
+        await sender.send_buffer(memoryview(values.numpy()).cast("B"))
         await sender.finish()

@@ -30,6 +30,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from p2p.streams import DEFAULT_CHUNK_BYTES
+
 logger = logging.getLogger(__name__)
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in the swarm
@@ -330,7 +332,7 @@ def choose_compression(
     return NoCompression() if tensor_numel < min_numel_to_compress else requested
 
 
-def default_chunk_elems(compression: Compression, target_bytes: int = 1 << 20) -> int:
+def default_chunk_elems(compression: Compression, target_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Elements per chunk so that one compressed chunk is about ``target_bytes``."""
     per_elem = max(compression.bytes_for(1 << 16) / (1 << 16), 1e-3)
     return max(1024, int(math.floor(target_bytes / per_elem)))

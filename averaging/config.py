@@ -4,9 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: bytes a chunk of a round carries before compression, and bytes in flight per stream
-CHUNK_BYTES = 1 << 20
-WINDOW_BYTES = 8 << 20
+from p2p.streams import DEFAULT_CHUNK_BYTES as CHUNK_BYTES, DEFAULT_WINDOW_BYTES as WINDOW_BYTES
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import trio
 
 from dht import DHT, get_dht_time, subkey_entries
 from p2p import P2PError, ProtocolViolation, RemoteError, ServiceLimits, StreamAborted
-from p2p.framing import FramedStream
+from p2p.framing import MAX_FRAME_BYTES, FramedStream
 from p2p.rpc import read_reply
 from p2p.streams import receive_payload, send_bytes
 
@@ -58,6 +58,8 @@ def state_key(prefix: str) -> str:
 
 
 MAX_PIECES = 1 << 17  # piece hash list of at most 4 MiB
+MIN_PIECE_BYTES, MAX_PIECE_BYTES = 4096, 64 << 20   # hashing granularity a donor may choose
+READ_BYTES = MAX_FRAME_BYTES  # one read request's range (a downloader asks several donors for ranges at once)
 
 
 class StateDownloadError(P2PError):
@@ -95,7 +97,7 @@ class StateSharer:
             raise ValueError(f"state prefix must be non-empty and contain no '/': {prefix!r}")
         if dht.client_mode:
             raise ValueError("a client-mode peer accepts no streams, so it cannot share state")
-        if announce_interval <= 0 or not 4096 <= piece_bytes <= 64 << 20:
+        if announce_interval <= 0 or not MIN_PIECE_BYTES <= piece_bytes <= MAX_PIECE_BYTES:
             raise ValueError("announce_interval must be > 0 and piece_bytes within 4 KiB..64 MiB")
         self.dht, self.prefix, self.get_state = dht, prefix, get_state
         self.announce_interval, self.piece_bytes, self.keep_previous = announce_interval, piece_bytes, keep_previous
@@ -227,7 +229,7 @@ def _parse_offers(entry: Any, exclude: str, max_nbytes: int) -> dict[_Offer, lis
             offer = _Offer(v["step"], v["sha256"], v["nbytes"], v["piece_bytes"])
             ok = (type(offer.step) is int and offer.step >= 0 and type(offer.nbytes) is int
                   and MIN_BLOB_BYTES <= offer.nbytes <= max_nbytes and type(offer.piece_bytes) is int
-                  and 4096 <= offer.piece_bytes <= 64 << 20 and -(-offer.nbytes // offer.piece_bytes) <= MAX_PIECES
+                  and MIN_PIECE_BYTES <= offer.piece_bytes <= MAX_PIECE_BYTES and -(-offer.nbytes // offer.piece_bytes) <= MAX_PIECES
                   and isinstance(offer.sha256, str) and len(offer.sha256) == 64 and isinstance(v["addrs"], list))
         except (KeyError, TypeError):
             ok = False
@@ -338,7 +340,7 @@ async def _fetch_hashes(node, service: str, offer: _Offer, donors: list[str], ti
 
 
 async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_donors: int = 3,
-                          chunk_bytes: int = 4 << 20, stall_timeout: float = 10.0,
+                          chunk_bytes: int = READ_BYTES, stall_timeout: float = 10.0,
                           max_nbytes: int = 16 << 30, newer_than: int = -1
                           ) -> tuple[dict, list[torch.Tensor]] | None:
     """Download the newest announced state of ``prefix``: ``(metadata, tensors)``, or None if none is announced
@@ -389,7 +391,7 @@ async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_
 
 
 def download_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_donors: int = 3,
-                   chunk_bytes: int = 4 << 20, stall_timeout: float = 10.0,
+                   chunk_bytes: int = READ_BYTES, stall_timeout: float = 10.0,
                    max_nbytes: int = 16 << 30, newer_than: int = -1) -> tuple[dict, list[torch.Tensor]] | None:
     """Blocking :func:`adownload_state`, for training code outside the trio loop."""
     return dht.node.run(functools.partial(adownload_state, dht, prefix, timeout=timeout, max_donors=max_donors,

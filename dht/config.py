@@ -34,6 +34,12 @@ class DHTConfig:
     max_bytes: int = 256 << 20
     max_batch: int = 256
 
+    @property
+    def dial_timeout(self) -> float:
+        """Connecting to a peer, then its first request: a TCP and Noise handshake (a round trip or two) plus
+        one ``rpc_timeout``; the server's handler deadline is the same (its storage work, then its answer)."""
+        return 2 * self.rpc_timeout
+
     def __post_init__(self) -> None:
         if self.k < 1 or self.alpha < 1 or not 1 <= self.num_replicas <= self.k:
             raise ValueError("DHTConfig needs k >= 1, alpha >= 1 and 1 <= num_replicas <= k")

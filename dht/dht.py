@@ -106,7 +106,7 @@ class DHT:
 
         async def join(maddr: str) -> None:
             try:
-                peer_id = await self.node.connect(maddr, timeout=self.config.rpc_timeout * 2)
+                peer_id = await self.node.connect(maddr, timeout=self.config.dial_timeout)
                 peer = PeerInfo(DHTID.from_peer_id(peer_id), peer_id, (maddr,))
                 for _attempt in range(2):  # a busy initial peer (a swarm starting at once) may miss one deadline
                     if await self.protocol.ping(peer) is not None:

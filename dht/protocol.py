@@ -79,7 +79,7 @@ class DHTProtocol:
             node.serve(SERVICE, {"ping": self._rpc_ping, "store": self._rpc_store, "find": self._rpc_find,
                                  "peers": self._rpc_peers},
                        limits=ServiceLimits(max_message_bytes=16 << 20, max_concurrent_per_peer=32,
-                                            handler_timeout=config.rpc_timeout * 2))
+                                            handler_timeout=config.dial_timeout))
 
     # ------------------------------------------------------------------ server side
     def _sender(self, ctx: CallContext, args: Any) -> dict:

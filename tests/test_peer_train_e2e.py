@@ -168,3 +168,26 @@ def test_per_step_gradient_averaging_keeps_the_trainers_weights_identical(tmp_pa
     finally:
         for p in reversed(peers):
             p.stop()
+
+
+def test_an_averaging_round_that_raises_is_a_failed_round_not_a_crash(caplog):
+    """Issue 14: an unexpected error inside a round is logged with its traceback, counted, and training goes on."""
+    from dht import DHT
+    from peer.training.trainer import TrainConfig, Trainer
+
+    dht = DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    trainer = None
+    try:
+        trainer = Trainer(dht, TrainConfig(sync="grad", state_timeout=2.0))
+
+        def broken_round(**kwargs):
+            raise RuntimeError("injected: a defect inside the round")
+        trainer.averager.step = broken_round            # the fault comes from outside the trainer
+        with caplog.at_level("ERROR", logger="peer.training.trainer"):
+            assert trainer.average(weight=8) is False
+        assert trainer.rounds_failed == 1 and trainer.rounds_ok == 0
+        assert "injected: a defect inside the round" in caplog.text and "Traceback" in caplog.text
+    finally:
+        if trainer is not None:
+            trainer.shutdown()
+        dht.shutdown()

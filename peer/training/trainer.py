@@ -112,8 +112,16 @@ class Trainer:
         return value
 
     def average(self, weight: float) -> bool:
-        """One averaging round of the sync strategy's tensors; True if it succeeded (counted either way)."""
-        result = self.averager.step(weight=weight)
+        """One averaging round of the sync strategy's tensors; True if it succeeded (counted either way).
+
+        Averaging never ends training: a round that fails is counted and logged, and one that raises (a bug,
+        or tensors the averager refuses) is logged with its traceback and counted as failed."""
+        try:
+            result = self.averager.step(weight=weight)
+        except Exception:
+            logger.exception("Averaging round raised; counted as failed, training goes on locally")
+            self.rounds_failed += 1
+            return False
         self.averaging_bytes += result.bytes_sent + result.bytes_received
         self.rounds_ok += result.ok
         self.rounds_failed += not result.ok
