@@ -12,7 +12,7 @@ reads every line the peers log and every report of the probe (``testbed/chaos_pr
 * ``checkpoint`` -- a trainer's checkpoint (or an expert host's) does not load with
   :func:`peer.checkpoint.load_checkpoint` after a SIGKILL, or a restarted trainer did not resume from it;
 * ``dht_records`` -- a live, reachable peer's records were not found by the probe after their grace:
-  expert declarations (``ExpertServer`` heartbeat + 2 DHT RPC timeouts), trainers' state offers
+  expert declarations (``HostingConfig.heartbeat`` + 2 DHT RPC timeouts), trainers' state offers
   (``TrainConfig.share_every`` + 2 RPC timeouts) and progress records (written before every averaging
   round, they live ``PROGRESS_TTL_S``);
 * ``expert_coverage`` -- every expert host is up and declared, yet some expert UIDs of the model are
@@ -96,12 +96,12 @@ def derive_bounds(model: str = "tiny") -> dict:
     from dht.config import DHTConfig
     from peer.config import ModelConfig
     from peer.moe.remote import RemoteMixtureOfExperts
-    from peer.hosting.server import ExpertServer
+    from peer.hosting.config import HostingConfig
     from peer.training.trainer import TrainConfig
 
     rpc = DHTConfig().rpc_timeout
     moe = inspect.signature(RemoteMixtureOfExperts.__init__).parameters
-    heartbeat = inspect.signature(ExpertServer.__init__).parameters["heartbeat"].default
+    heartbeat = HostingConfig().heartbeat
     config = TrainConfig()
     averaging = averaging_deadline_s(dense_numel(model))
     n_layer = ModelConfig.preset(model).n_layer

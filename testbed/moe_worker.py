@@ -57,12 +57,13 @@ def ours_server(args: argparse.Namespace) -> tuple[dict, Any, Any]:
     from p2p import setup_logging
     setup_logging(args.log_level)
     from dht import DHT
+    from peer.hosting.config import HostingConfig
     from peer.hosting.server import ExpertServer, create_experts
     import torch
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=LOOPBACK)
     optimizer = lambda params: torch.optim.Adam(params, lr=1e-3, fused=args.optimizer == "adam-fused")  # noqa: E731
     experts = create_experts("ffn", args.uids, args.hidden, device=args.device, optimizer_factory=optimizer)
-    server = ExpertServer(dht, experts, batch_window_ms=args.batch_window_ms)
+    server = ExpertServer(dht, experts, HostingConfig(batch_window_ms=args.batch_window_ms))
 
     def handle(cmd: dict) -> dict:
         if cmd["cmd"] == "stats":

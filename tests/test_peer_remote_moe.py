@@ -29,12 +29,13 @@ torch.set_num_threads(1)
 from p2p import setup_logging
 setup_logging("INFO")
 from dht import DHT
+from peer.hosting.config import HostingConfig
 from peer.hosting.server import ExpertServer, create_experts
 cfg = json.loads(%r)
 dht = DHT(initial_peers=cfg["peers"])
 frozen = {"optimizer_factory": lambda params: torch.optim.SGD(params, lr=0.0)} if cfg["frozen"] else {}
 experts = create_experts("ffn", cfg["uids"], cfg["hidden"], seed=cfg["seed"], **frozen)
-server = ExpertServer(dht, experts, heartbeat=1.0, expiration=30.0)
+server = ExpertServer(dht, experts, HostingConfig(heartbeat=1.0, expiration=30.0))
 print("ADDR", dht.addrs[0], flush=True)
 sys.stdin.read()
 server.shutdown()

@@ -17,6 +17,7 @@ from peer.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, s
 from peer.moe.directory import ExpertDirectory, ancestors, declared_keys, parent_key
 from peer.hosting.backend import InvalidInputError
 from peer.moe.experts import create_expert
+from peer.hosting.config import HostingConfig
 from peer.hosting.server import ExpertServer, create_experts
 from peer.moe.wire import SERVICE, InvalidTensorMessage, tensor_from_wire, tensor_to_wire
 
@@ -28,13 +29,14 @@ torch.set_num_threads(1)
 from p2p import setup_logging
 setup_logging("INFO")
 from dht import DHT
+from peer.hosting.config import HostingConfig
 from peer.hosting.server import ExpertServer, create_experts
 cfg = json.loads(%r)
 dht = DHT(initial_peers=cfg.get("peers", []), identity_path=cfg.get("identity"))
 experts = create_experts("ffn", cfg["uids"], cfg["hidden"], seed=cfg.get("seed", 0), max_batch_size=64)
-server = ExpertServer(dht, experts, max_batch_size=cfg.get("max_batch", 64), heartbeat=1.0, expiration=30.0,
-                      batch_window_ms=cfg.get("window_ms", 1.0), checkpoint_dir=cfg.get("ckpt"),
-                      checkpoint_interval=cfg.get("ckpt_interval", 60.0))
+server = ExpertServer(dht, experts, HostingConfig(
+    max_batch_size=cfg.get("max_batch", 64), heartbeat=1.0, expiration=30.0, batch_window_ms=cfg.get("window_ms", 1.0),
+    checkpoint_dir=cfg.get("ckpt"), checkpoint_interval=cfg.get("ckpt_interval", 60.0)))
 print("ADDR", dht.addrs[0], flush=True)
 for line in sys.stdin:
     if line.strip() == "quit":
@@ -182,7 +184,7 @@ def test_periodic_checkpoints_and_reload_in_process(tmp_path):
     dht = DHT()
     try:
         experts = create_experts("ffn", ["ffn.0.0"], HIDDEN, seed=0)
-        server = ExpertServer(dht, experts, checkpoint_dir=tmp_path, checkpoint_interval=0.2)
+        server = ExpertServer(dht, experts, HostingConfig(checkpoint_dir=tmp_path, checkpoint_interval=0.2))
         experts["ffn.0.0"].backward(torch.randn(3, HIDDEN), torch.ones(3, HIDDEN))
         path = checkpoint_path(tmp_path, "ffn.0.0")
         deadline = time.monotonic() + 10
@@ -191,7 +193,7 @@ def test_periodic_checkpoints_and_reload_in_process(tmp_path):
             time.sleep(0.05)
         server.shutdown()
         fresh = create_experts("ffn", ["ffn.0.0"], HIDDEN, seed=7)
-        assert ExpertServer(dht, fresh, checkpoint_dir=tmp_path, start=False).load_checkpoints() == 1
+        assert ExpertServer(dht, fresh, HostingConfig(checkpoint_dir=tmp_path), start=False).load_checkpoints() == 1
         saved, loaded = experts["ffn.0.0"].state_dict(), fresh["ffn.0.0"].state_dict()
         assert loaded["update_count"] == 1
         assert all(torch.equal(saved["module"][k], loaded["module"][k]) for k in saved["module"])
@@ -199,7 +201,7 @@ def test_periodic_checkpoints_and_reload_in_process(tmp_path):
         other = create_experts("ffn", ["ffn.0.1"], HIDDEN)
         os.replace(path, checkpoint_path(tmp_path, "ffn.0.1"))  # a file that names another expert
         with pytest.raises(ValueError, match="belongs to 'ffn.0.0'"):
-            ExpertServer(dht, other, checkpoint_dir=tmp_path, start=False).load_checkpoints()
+            ExpertServer(dht, other, HostingConfig(checkpoint_dir=tmp_path), start=False).load_checkpoints()
     finally:
         dht.shutdown()
 

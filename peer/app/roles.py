@@ -27,10 +27,11 @@ def run_roles(dht, args: argparse.Namespace) -> int:
             model_config = ModelConfig.preset(args.model, expert_type=args.expert_type)
         if args.experts:
             from peer.hosting.placement import choose_uids
+            from peer.hosting.config import HostingConfig
             from peer.hosting.server import ExpertServer, create_experts
             uids = choose_uids(dht, model_config, args.experts)
             server = ExpertServer(dht, create_experts(args.expert_type, uids, model_config.n_embd, device=args.device),
-                                  checkpoint_dir=args.expert_checkpoint_dir)
+                                  HostingConfig(checkpoint_dir=args.expert_checkpoint_dir))
             logger.info("Hosting %d experts: %s", len(uids), " ".join(uids))
             if metrics:
                 metrics.experts_hosted.set(len(uids))

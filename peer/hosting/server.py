@@ -23,7 +23,7 @@ Example::
 
     dht = DHT(initial_peers=[...], identity_path="server.key")
     server = ExpertServer(dht, create_experts("ffn", ["ffn.0.0", "ffn.0.1"], hidden_dim=1024),
-                          checkpoint_dir="ckpt/")
+                          HostingConfig(checkpoint_dir="ckpt/"))
     ...
     server.shutdown()
 """
@@ -44,6 +44,7 @@ import trio
 from dht import DHT, get_dht_time
 from p2p import ServiceLimits
 from peer.hosting.batching import BatcherStopped, ExpertBatcher
+from peer.hosting.config import HostingConfig
 from peer.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from peer.moe.directory import declaration_records
 from peer.hosting.backend import ExpertBackend, InvalidInputError, OptimizerFactory
@@ -111,38 +112,24 @@ def keep_freed_memory() -> bool:
 class ExpertServer:
     """Serve ``experts`` (UID -> backend) over ``dht``'s node and declare them in ``dht``.
 
-    :param max_batch_size: most rows one batch (and one request) may have.
-    :param batch_window_ms: after the first request of a batch, wait this long for more (0: take only
-        what is already queued — the lowest latency; requests still batch while the expert is busy).
-    :param heartbeat: seconds between re-declarations; :param expiration: lifetime of each declaration.
-    :param checkpoint_dir: where ``<uid>.pt`` files are kept (None: no checkpoints).
-    :param checkpoint_interval: seconds between periodic saves of experts that changed.
-    :param max_concurrent_batches: batches computed at once (1 suits a CPU or one GPU).
-    :param max_message_bytes, handler_timeout: RPC limits (see :class:`p2p.ServiceLimits`).
-    :param keep_memory: call :func:`keep_freed_memory` (process-wide malloc tuning) when starting.
+    :param config: batching, declarations, checkpoints and RPC limits (:class:`~peer.hosting.config.HostingConfig`).
+    :param start: start serving now (else call :meth:`start`).
     """
 
-    def __init__(self, dht: DHT, experts: dict[str, ExpertBackend], *, max_batch_size: int = 4096,
-                 batch_window_ms: float = 0.0, heartbeat: float = 10.0, expiration: float = 30.0,
-                 checkpoint_dir: str | Path | None = None, checkpoint_interval: float = 60.0,
-                 max_concurrent_batches: int = 1, max_message_bytes: int = 64 << 20,
-                 handler_timeout: float = 60.0, max_concurrent_per_peer: int = 64, keep_memory: bool = True,
+    def __init__(self, dht: DHT, experts: dict[str, ExpertBackend], config: HostingConfig | None = None, *,
                  start: bool = True):
         if not experts:
             raise ValueError("an ExpertServer needs at least one expert")
         for uid in experts:
             parse_uid(uid)
-        if max_batch_size < 1 or batch_window_ms < 0 or max_concurrent_batches < 1:
-            raise ValueError("need max_batch_size >= 1, batch_window_ms >= 0, max_concurrent_batches >= 1")
-        if not 0 < heartbeat < expiration:
-            raise ValueError(f"need 0 < heartbeat < expiration, got {heartbeat}, {expiration}")
+        self.config = c = config or HostingConfig()
         self.dht, self.node, self.experts = dht, dht.node, dict(experts)
-        self.max_batch_size, self.batch_window = max_batch_size, batch_window_ms / 1000
-        self.heartbeat, self.expiration = heartbeat, expiration
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.checkpoint_interval, self.max_concurrent_batches = checkpoint_interval, max_concurrent_batches
-        self.limits = ServiceLimits(max_message_bytes=max_message_bytes, handler_timeout=handler_timeout,
-                                    max_concurrent_per_peer=max_concurrent_per_peer,
+        self.max_batch_size, self.batch_window = c.max_batch_size, c.batch_window_ms / 1000
+        self.heartbeat, self.expiration = c.heartbeat, c.expiration
+        self.checkpoint_dir = Path(c.checkpoint_dir) if c.checkpoint_dir is not None else None
+        self.checkpoint_interval, self.max_concurrent_batches = c.checkpoint_interval, c.max_concurrent_batches
+        self.limits = ServiceLimits(max_message_bytes=c.max_message_bytes, handler_timeout=c.handler_timeout,
+                                    max_concurrent_per_peer=c.max_concurrent_per_peer,
                                     max_calls_per_second=2000.0)  # a GPU host answers many small calls
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "rejected": 0, "compute_s": 0.0, "compute_cpu_s": 0.0}
         self._batchers: dict[str, ExpertBatcher] = {}
@@ -151,7 +138,7 @@ class ExpertServer:
         self._save_lock = threading.Lock()
         self._scope: trio.CancelScope | None = None
         self._running = self._stopped = False
-        self.keep_memory = keep_memory
+        self.keep_memory = c.keep_memory
         if start:
             self.start()
 
