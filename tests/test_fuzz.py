@@ -49,12 +49,17 @@ def reference_unpack(data: bytes):
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+msgpack_or_noise = st.one_of(st.binary(max_size=2000), structures.map(lambda obj: msgpack.packb(obj, use_bin_type=True)))
+
+
+@pytest.mark.parametrize("decode, error", [(unpack, ProtocolViolation), (deserialize, DeserializationError)],
+                         ids=["frames", "dht values"])
 @FUZZ
-@given(st.one_of(st.binary(max_size=2000), structures.map(lambda obj: msgpack.packb(obj, use_bin_type=True))))
-def test_frame_decoder_returns_exactly_the_message_or_a_protocol_violation(data):
+@given(data=msgpack_or_noise)
+def test_msgpack_decoders_return_exactly_the_message_or_their_own_error(decode, error, data):
     try:
-        value = unpack(data)
-    except ProtocolViolation:
+        value = decode(data)
+    except error:
         return
     assert same_msgpack(value, reference_unpack(data))
 
@@ -74,16 +79,6 @@ def test_record_from_wire_round_trips_or_says_malformed(obj):
     key, subkey, value, expiration, signature = obj
     assert record.to_wire() == [key, subkey, value, float(expiration), signature]
     assert math.isfinite(record.expiration_time) and not isinstance(expiration, bool)
-
-
-@FUZZ
-@given(st.one_of(st.binary(max_size=500), structures.map(lambda obj: msgpack.packb(obj, use_bin_type=True))))
-def test_value_decoder_returns_exactly_one_object_or_a_deserialization_error(data):
-    try:
-        value = deserialize(data)
-    except DeserializationError:
-        return
-    assert same_msgpack(value, reference_unpack(data))
 
 
 valid_tensors = st.tuples(st.sampled_from(sorted(WIRE_DTYPES)), st.lists(st.integers(0, 3), max_size=3)).map(
