@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from p2p import Node, P2PError
-from p2p.node import DEFAULT_HOST_MADDRS
+from p2p.config import NodeConfig
 
 from .config import DHTConfig
 from .crawl import crawl_peers
@@ -50,26 +50,23 @@ class DHT:
 
     :param initial_peers: full multiaddrs (``/ip4/.../tcp/.../p2p/<id>``) of peers already in the swarm;
         empty to start a new swarm.
-    :param node: an existing :class:`p2p.Node` to run on (otherwise one is created from the next options
-        and stopped by :meth:`shutdown`).
-    :param client_mode: only ask; never answer or enter other nodes' routing tables (peers behind NAT).
-    :param psk, allowed_peers: make the swarm private: see :class:`p2p.Node` (pre-shared key, peer allowlist).
-    :param bulk_port: port of the node's bulk data plane (see :class:`p2p.Node`; None turns it off).
+    :param node: an existing :class:`p2p.Node` to run on; otherwise one is created from ``node_config``
+        (:class:`p2p.NodeConfig`: swarm, addresses, identity, client mode — only ask, never answer or enter
+        other nodes' routing tables —, pre-shared key, allowlist, bulk port) and stopped by :meth:`shutdown`.
     :param validators: extra record validators (e.g. a :class:`SchemaValidator`); owner signatures are
         always checked. Every node of a swarm should use the same validators.
     :param config: :class:`DHTConfig` (bucket size, replicas, timeouts, intervals).
     """
 
-    def __init__(self, initial_peers: Sequence[str] = (), *, node: Node | None = None, swarm: str = "default",
-                 host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS, announce_maddrs: Sequence[str] = (),
-                 identity_path: str | None = None, client_mode: bool = False, psk: str | None = None,
-                 allowed_peers: Sequence[str] | None = None, bulk_port: int | None = 0, validators: Sequence[RecordValidator] = (), config: DHTConfig | None = None, start: bool = True):
+    def __init__(self, initial_peers: Sequence[str] = (), *, node: Node | None = None,
+                 node_config: NodeConfig | None = None, validators: Sequence[RecordValidator] = (),
+                 config: DHTConfig | None = None, start: bool = True):
+        if node is not None and node_config is not None:
+            raise ValueError("give a DHT either a running node or the config of its own, not both")
         self.config = config or DHTConfig()
         self.initial_peers = list(initial_peers)
         self._owns_node = node is None
-        self.node = node or Node(swarm=swarm, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                                 identity_path=identity_path, client_mode=client_mode, psk=psk,
-                                 allowed_peers=allowed_peers, bulk_port=bulk_port, start=False)
+        self.node = node or Node(node_config, start=False)
         self.client_mode = self.node.client_mode
         self.node_id = DHTID.from_peer_id(self.node.peer_id)
         self.routing = RoutingTable(self.node_id, k=self.config.k)

@@ -5,11 +5,12 @@ from .errors import (MessageTooLarge, P2PError, P2PTimeout, PeerBusy, PeerUnreac
 from .framing import FramedStream, pack, unpack
 from .logs import setup_logging
 from .identity import load_or_create_identity, new_identity, peer_id_of
+from .config import NodeConfig
 from .node import Node, parse_maddr
 from .rpc import CallContext, RPCServer, ServiceLimits, call, open_call, read_reply
 
 __all__ = [
-    "Node", "parse_maddr", "setup_logging", "FramedStream", "pack", "unpack", "CallContext", "RPCServer", "ServiceLimits", "call",
+    "Node", "NodeConfig", "parse_maddr", "setup_logging", "FramedStream", "pack", "unpack", "CallContext", "RPCServer", "ServiceLimits", "call",
     "open_call", "read_reply", "load_or_create_identity", "new_identity", "peer_id_of", "P2PError", "P2PTimeout",
     "PeerBusy", "PeerUnreachable", "ProtocolViolation", "RemoteError", "StreamAborted", "MessageTooLarge",
 ]

@@ -22,6 +22,7 @@ import trio
 
 from .addresses import host_of, parse_maddr
 from .bulk import BulkPlane
+from .config import DEFAULT_HOST_MADDRS, NodeConfig
 from .errors import P2PError, P2PTimeout
 from .framing import MAX_FRAME_BYTES, STREAM_TIMEOUT, FramedStream
 from .host import ADDR_TTL, DIAL_TIMEOUT, Host
@@ -31,49 +32,26 @@ from .tasks import TaskGroup
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
 __all__ = ["ADDR_TTL", "DEFAULT_HOST_MADDRS", "Node", "parse_maddr"]
 
 
 class Node:
     """One peer's libp2p host: identity, listen/announce addresses, streams, and a trio loop thread.
 
-    :param swarm: swarm name; part of every protocol id so swarms cannot call each other.
-    :param host_maddrs: multiaddrs to listen on, e.g. ``/ip4/0.0.0.0/tcp/31337``. Port 0 picks a free one.
-    :param announce_maddrs: addresses to tell others instead of the listen addresses (NAT, docker).
-    :param identity_path: file holding the ed25519 key; created on first run, so the peer ID persists.
-    :param client_mode: listen on nothing; the node can only call out (for peers behind NAT).
-    :param psk: pre-shared key of a private swarm (libp2p pnet), 64 hex characters (32 bytes): every
-        connection is encrypted with it before the handshake, so peers without it cannot connect at all.
-    :param allowed_peers: peer IDs allowed to talk to us (None: everyone). Streams from other peers are
-        reset before any handler runs (so they can call no RPC: no DHT store, no averaging, no expert),
-        and we open no stream to them. Our own ID is always allowed.
-    :param max_streams_per_peer: inbound streams one peer may hold open at once, over all services; more
-        are reset before any handler runs (calls reuse pooled streams, so honest peers use a handful).
-    :param bulk_port: TCP port of the bulk data plane (:mod:`p2p.bulk`: big payloads beside libp2p, ~10x
-        less CPU per byte), on the listen addresses' IPs; 0 picks a free port, None turns it off. Behind a
-        NAT, fix it and forward it too (without it, peers fall back to slower libp2p streams).
+    :param config: identity, addresses, swarm, privacy and limits (:class:`~p2p.config.NodeConfig`).
     :param start: start the loop thread right away.
     """
 
-    def __init__(self, *, swarm: str = "default", host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS,
-                 announce_maddrs: Sequence[str] = (), identity_path: str | None = None,
-                 client_mode: bool = False, psk: str | None = None, allowed_peers: Sequence[str] | None = None,
-                 max_streams_per_peer: int = 128, bulk_port: int | None = 0, start: bool = True):
-        if not swarm or "/" in swarm:
-            raise ValueError(f"swarm name must be non-empty and contain no '/': {swarm!r}")
-        self.swarm, self.client_mode = swarm, client_mode
-        self.key_pair = load_or_create_identity(identity_path)
+    def __init__(self, config: NodeConfig | None = None, *, start: bool = True):
+        self.config = c = config or NodeConfig()
+        self.swarm, self.client_mode = c.swarm, c.client_mode
+        self.key_pair = load_or_create_identity(c.identity_path)
         self.peer_id = peer_id_of(self.key_pair)
-        if psk is not None:
-            psk = psk.strip().lower()
-            if len(psk) != 64 or any(c not in "0123456789abcdef" for c in psk):
-                raise ValueError("the swarm key (psk) must be 64 hex characters (32 random bytes)")
-        self.host = Host(swarm=swarm, key_pair=self.key_pair,
-                         listen=[] if client_mode else [parse_maddr(a) for a in host_maddrs],
-                         announce=[parse_maddr(a) for a in announce_maddrs], client_mode=client_mode, psk=psk,
-                         allowed_peers=None if allowed_peers is None else frozenset(allowed_peers) | {self.peer_id},
-                         max_streams_per_peer=max_streams_per_peer)
+        self.host = Host(swarm=c.swarm, key_pair=self.key_pair,
+                         listen=[] if c.client_mode else [parse_maddr(a) for a in c.host_maddrs],
+                         announce=[parse_maddr(a) for a in c.announce_maddrs], client_mode=c.client_mode, psk=c.psk,
+                         allowed_peers=None if c.allowed_peers is None else frozenset(c.allowed_peers) | {self.peer_id},
+                         max_streams_per_peer=c.max_streams_per_peer)
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stopped = threading.Event()
@@ -81,7 +59,7 @@ class Node:
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._stop_requested: trio.Event | None = None
-        self.bulk = BulkPlane(self.host, bulk_port) if bulk_port is not None else None
+        self.bulk = BulkPlane(self.host, c.bulk_port) if c.bulk_port is not None else None
         self._tasks = self.task_group("node")
         if start:
             self.start()

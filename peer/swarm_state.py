@@ -16,9 +16,11 @@ Nothing here writes to the DHT or calls a peer's RPCs: it reads the records the 
 Here ``prefix = f"{swarm}.{model}.{sync}"`` (:func:`peer.config.training_prefix`), exactly as trainers name it. Example::
 
     from dht import DHT
+    from p2p import NodeConfig
     from peer.swarm_state import read_swarm
 
-    dht = DHT(initial_peers=["/ip4/1.2.3.4/tcp/31337/p2p/12D3KooW..."], swarm="local-demo", client_mode=True)
+    dht = DHT(initial_peers=["/ip4/1.2.3.4/tcp/31337/p2p/12D3KooW..."],
+              node_config=NodeConfig(swarm="local-demo", client_mode=True))
     state = read_swarm(dht, "local-demo", model="tiny", sync="diloco")
     state["progress"]   # [{"peer_id": "12D3KooW...", "step": 120, "samples": 960, "loss": 3.1, ...}, ...]
     dht.shutdown()
@@ -34,7 +36,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dht import DHT, ValueWithExpiration, get_dht_time, subkey_entries
-
 from peer.config import ModelConfig, training_keys, training_prefix
 from peer.moe.directory import parse_declarations
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from averaging import Averager, AveragerConfig
 from dht import DHT
-from p2p import setup_logging
+from p2p import NodeConfig, setup_logging
 
 
 class NaNSender:
@@ -78,8 +78,8 @@ def main() -> None:
     tensor *= args.scale
     if args.nan:
         tensor[::7] = float("nan")
-    dht = DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
-              client_mode=args.client_mode, bulk_port=None if args.no_bulk else 0)
+    dht = DHT(initial_peers=args.initial_peers, node_config=NodeConfig(
+        host_maddrs=[f"/ip4/{args.host}/tcp/0"], client_mode=args.client_mode, bulk_port=None if args.no_bulk else 0))
     averager = Averager([tensor], dht, "bench", AveragerConfig(
         target_group_size=args.group, min_group_size=args.min_group, compression=args.compression,
         bandwidth=args.bandwidth, matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout,

@@ -126,12 +126,12 @@ def probe_round(dht, args, peers: dict[str, str], metrics: dict[str, str]) -> di
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from dht import DHT
-    from p2p import setup_logging
+    from p2p import NodeConfig, setup_logging
 
     setup_logging("WARNING")
     peers, metrics = json.loads(args.peers), json.loads(args.metrics)
-    dht = DHT(initial_peers=args.initial_peers, swarm=args.swarm, host_maddrs=["/ip4/0.0.0.0/tcp/0"],
-              client_mode=True)
+    dht = DHT(initial_peers=args.initial_peers,
+              node_config=NodeConfig(swarm=args.swarm, host_maddrs=["/ip4/0.0.0.0/tcp/0"], client_mode=True))
     try:
         print(json.dumps({"ready": True, "peer_id": dht.peer_id}), flush=True)
         while True:

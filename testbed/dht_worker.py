@@ -66,8 +66,9 @@ class OursBackend:
         self.swarm = args.swarm
 
     def create(self, initial_peers: list[str], client_mode: bool) -> Any:
-        return self.dht.DHT(initial_peers=initial_peers, swarm=self.swarm, host_maddrs=("/ip4/127.0.0.1/tcp/0",),
-                            client_mode=client_mode, config=self.config, start=True)
+        from p2p import NodeConfig
+        return self.dht.DHT(initial_peers=initial_peers, config=self.config, start=True, node_config=NodeConfig(
+            swarm=self.swarm, host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=client_mode))
 
     @staticmethod
     def describe(node: Any) -> dict:

@@ -54,13 +54,13 @@ def bench_loop(moe: Any, torch: Any, batch: int, hidden: int, steps: int, warmup
 # ------------------------------------------------------------------------------------------ ours
 def ours_server(args: argparse.Namespace) -> tuple[dict, Any, Any]:
     sys.path.insert(0, REPO_ROOT)
-    from p2p import setup_logging
+    from p2p import NodeConfig, setup_logging
     setup_logging(args.log_level)
     from dht import DHT
     from peer.hosting.config import HostingConfig
     from peer.hosting.server import ExpertServer, create_experts
     import torch
-    dht = DHT(initial_peers=args.initial_peers, host_maddrs=LOOPBACK)
+    dht = DHT(initial_peers=args.initial_peers, node_config=NodeConfig(host_maddrs=LOOPBACK))
     optimizer = lambda params: torch.optim.Adam(params, lr=1e-3, fused=args.optimizer == "adam-fused")  # noqa: E731
     experts = create_experts("ffn", args.uids, args.hidden, device=args.device, optimizer_factory=optimizer)
     server = ExpertServer(dht, experts, HostingConfig(batch_window_ms=args.batch_window_ms))
@@ -78,12 +78,12 @@ def ours_server(args: argparse.Namespace) -> tuple[dict, Any, Any]:
 
 def ours_client(args: argparse.Namespace) -> tuple[dict, Any, Any]:
     sys.path.insert(0, REPO_ROOT)
-    from p2p import setup_logging
+    from p2p import NodeConfig, setup_logging
     setup_logging(args.log_level)
     import torch
     from dht import DHT
     from peer.moe.remote import RemoteMixtureOfExperts
-    dht = DHT(initial_peers=args.initial_peers, client_mode=True)
+    dht = DHT(initial_peers=args.initial_peers, node_config=NodeConfig(client_mode=True))
     layers: dict[int, Any] = {}
 
     def handle(cmd: dict) -> dict:

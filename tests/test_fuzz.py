@@ -25,7 +25,7 @@ from averaging.compression import get_compression
 from averaging.state_format import StateFormatError, decode_state, encode_state, piece_hashes, state_digest
 from dht import DHT
 from dht.records import DeserializationError, MalformedRecord, Record, deserialize
-from p2p import P2PError, P2PTimeout, ProtocolViolation, RemoteError
+from p2p import NodeConfig, P2PError, P2PTimeout, ProtocolViolation, RemoteError
 from p2p.framing import unpack
 from peer.moe.wire import WIRE_DTYPES, InvalidTensorMessage, tensor_from_wire, tensor_to_wire
 
@@ -166,13 +166,13 @@ def test_bulk_record_decoder_rejects_garbage_cleanly(data, key):
 # ------------------------------------------------------------------------------- live handlers
 SERVER = r"""
 import sys, torch
-from p2p import setup_logging
+from p2p import NodeConfig, setup_logging
 setup_logging("INFO")
 from averaging import Averager, AveragerConfig
 from averaging.state import StateSharer
 from dht import DHT
 from peer.hosting.server import ExpertServer, create_experts
-dht = DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+dht = DHT(node_config=NodeConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
 server = ExpertServer(dht, create_experts("ffn", ["ffn.0.0"], 16, seed=0))
 averager = Averager([torch.zeros(64)], dht, "fuzz", AveragerConfig(target_group_size=2, matchmaking_time=1))
 sharer = StateSharer(dht, "fuzz", lambda: ({"step": 1}, [torch.ones(8)]), announce_interval=5)
@@ -201,7 +201,7 @@ def arguments(method: str):
 def fuzz_target(module_python_process):
     server = module_python_process(SERVER)
     addr = server.expect("ADDR ", timeout=90)
-    client = DHT(initial_peers=[addr], client_mode=True)
+    client = DHT(initial_peers=[addr], node_config=NodeConfig(client_mode=True))
     yield server, addr.rsplit("/", 1)[1], client
     client.shutdown()
 

@@ -37,11 +37,11 @@ sys.exit(main({argv!r}))
 
 TRAINER = """
 from dht import DHT
-from p2p import setup_logging
+from p2p import NodeConfig, setup_logging
 from peer.training.trainer import TrainConfig, Trainer
 
 setup_logging("INFO")
-dht = DHT(initial_peers=[{join!r}], swarm={swarm!r}, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+dht = DHT(initial_peers=[{join!r}], node_config=NodeConfig(swarm={swarm!r}, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
 print("TRAINER", dht.peer_id, flush=True)
 config = TrainConfig(model="tiny", sync="diloco", batch_size=4, local_steps=10, eval_every=2, eval_batches=1,
                      max_samples=1_000_000)

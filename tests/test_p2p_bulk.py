@@ -10,7 +10,7 @@ import trio
 
 import p2p.bulk
 
-from p2p import Node, PeerUnreachable, ProtocolViolation, RemoteError, ServiceLimits, StreamAborted, open_call, read_reply
+from p2p import Node, NodeConfig, PeerUnreachable, ProtocolViolation, RemoteError, ServiceLimits, StreamAborted, open_call, read_reply
 from p2p.bulk import MAX_RECORD, TOKEN_BYTES, SecureSocket
 from p2p.framing import FramedStream
 from p2p.streams import recv_bytes, send_bytes
@@ -19,7 +19,7 @@ LIMITS = ServiceLimits(max_message_bytes=8 << 20)
 
 
 def echo_server(**kw) -> tuple[Node, dict]:
-    node = Node(**kw)
+    node = Node(NodeConfig(**kw))
     seen: dict = {}
 
     async def echo(ctx, args):
@@ -224,7 +224,7 @@ def test_a_paced_bulk_stream_sends_no_faster_than_its_rate(pair):
 def test_a_bulk_open_cut_short_by_its_deadline_is_a_timeout_not_a_crash():
     """Issue 14, defect 1: a peer that stops answering (a laptop asleep) during the bulk handshake. The open's
     deadline cut the attempt short and left its result unassigned: UnboundLocalError escaped Averager.step."""
-    server = Node(bulk_port=None)
+    server = Node(NodeConfig(bulk_port=None))
 
     async def asleep(ctx, args):
         await trio.sleep_forever()

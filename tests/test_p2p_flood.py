@@ -14,25 +14,26 @@ import time
 import pytest
 
 from dht import DHT
+from p2p import NodeConfig
 
 SERVER = r"""
 import sys
-from p2p import setup_logging
+from p2p import NodeConfig, setup_logging
 setup_logging("WARNING")
 from dht import DHT
-dht = DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+dht = DHT(node_config=NodeConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
 print("ADDR", dht.addrs[0], flush=True)
 sys.stdin.readline()
 """
 
 FLOODER = r"""
 import json, os, sys, time, trio
-from p2p import setup_logging, P2PError, PeerBusy
+from p2p import NodeConfig, P2PError, PeerBusy, setup_logging
 setup_logging("ERROR")
 from dht import DHT
 from dht.records import DHTID
 addr, seconds = sys.argv[1], float(sys.argv[2])
-dht = DHT(initial_peers=[addr], client_mode=True)
+dht = DHT(initial_peers=[addr], node_config=NodeConfig(client_mode=True))
 target = addr.rsplit("/", 1)[1]
 counts = {"ok": 0, "busy": 0, "error": 0}
 async def flood():
@@ -73,7 +74,7 @@ def test_a_flooding_peer_does_not_stall_the_others(python_process):
     server = python_process(SERVER)
     addr = server.expect("ADDR ", timeout=60)
     target = addr.rsplit("/", 1)[1]
-    client = DHT(initial_peers=[addr], client_mode=True)
+    client = DHT(initial_peers=[addr], node_config=NodeConfig(client_mode=True))
     try:
         before = ping_latencies(client, target, 40)
         flooder = python_process(FLOODER.replace("sys.argv[1], float(sys.argv[2])", f"{addr!r}, 12.0"))

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from p2p import Node, load_or_create_identity, peer_id_of
+from p2p import Node, NodeConfig, load_or_create_identity, peer_id_of
 
 
 def test_identity_file_is_created_with_mode_0600(tmp_path):
@@ -28,7 +28,7 @@ def test_identity_is_reused(tmp_path):
 
 def test_node_keeps_its_peer_id_across_restarts(tmp_path):
     path = str(tmp_path / "node.key")
-    assert Node(identity_path=path, start=False).peer_id == Node(identity_path=path, start=False).peer_id
+    assert Node(NodeConfig(identity_path=path), start=False).peer_id == Node(NodeConfig(identity_path=path), start=False).peer_id
 
 
 def test_no_path_gives_a_fresh_identity():

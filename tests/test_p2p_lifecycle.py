@@ -7,11 +7,11 @@ import time
 import pytest
 import trio
 
-from p2p import Node, P2PError
+from p2p import Node, NodeConfig, P2PError
 
 SERVER = r"""
 import sys, trio
-from p2p import Node, setup_logging
+from p2p import Node, NodeConfig, setup_logging
 setup_logging("INFO")
 
 async def sleep(ctx, seconds):
@@ -21,16 +21,16 @@ async def sleep(ctx, seconds):
 async def echo(ctx, args):
     return args
 
-with Node(swarm="lifecycle") as node:
+with Node(NodeConfig(swarm="lifecycle")) as node:
     node.serve("svc", {"sleep": sleep, "echo": echo})
     print("ADDR", node.addrs[0], flush=True)
     sys.stdin.read()  # until the test closes our stdin, kills us or interrupts us
 """
 
 CALLER = r"""
-from p2p import Node
+from p2p import Node, NodeConfig
 peer, maddr = input().split()
-with Node(swarm="lifecycle") as node:
+with Node(NodeConfig(swarm="lifecycle")) as node:
     node.add_addrs(peer, [maddr])
     print("READY", flush=True)
     node.call_sync(peer, "svc", "sleep", 60, timeout=120)
@@ -49,7 +49,7 @@ def children(module_python_process):
 
 
 def test_start_and_stop_are_idempotent():
-    node = Node(swarm="lifecycle", start=False)
+    node = Node(NodeConfig(swarm="lifecycle"), start=False)
     assert not node.is_running and node.addrs == []
     with pytest.raises(P2PError):
         node.run(trio.sleep, 0)
@@ -62,17 +62,17 @@ def test_start_and_stop_are_idempotent():
     assert not node.is_running
     with pytest.raises(P2PError):
         node.run(trio.sleep, 0)
-    Node(swarm="lifecycle", start=False).stop()  # stopping a node that never started is harmless
+    Node(NodeConfig(swarm="lifecycle"), start=False).stop()  # stopping a node that never started is harmless
 
 
 def test_context_manager_stops_the_node():
-    with Node(swarm="lifecycle") as node:
+    with Node(NodeConfig(swarm="lifecycle")) as node:
         assert node.is_running
     assert not node.is_running
 
 
 def test_run_timeout_and_spawned_tasks():
-    with Node(swarm="lifecycle") as node:
+    with Node(NodeConfig(swarm="lifecycle")) as node:
         with pytest.raises(TimeoutError):
             node.run(trio.sleep, 10, timeout=0.2)
         done = threading.Event()
@@ -87,7 +87,7 @@ def test_run_timeout_and_spawned_tasks():
 
 
 def test_stop_from_inside_the_nodes_own_loop():
-    node = Node(swarm="lifecycle")
+    node = Node(NodeConfig(swarm="lifecycle"))
     errors = []
 
     async def shutdown_handler():  # e.g. an RPC handler that shuts its peer down
@@ -126,7 +126,7 @@ def start_calls(node, server, n):
 
 def test_stop_is_prompt_with_calls_in_flight(children):
     server = children["server"]
-    node = Node(swarm="lifecycle")
+    node = Node(NodeConfig(swarm="lifecycle"))
     node.add_addrs(server.peer_id, [server.maddr])
     assert node.call_sync(server.peer_id, "svc", "echo", 1, timeout=10) == 1
     threads, outcomes = start_calls(node, server, 3)
@@ -142,7 +142,7 @@ def test_stop_is_prompt_with_calls_in_flight(children):
 
 def test_sigint_stops_a_serving_process_within_two_seconds(children):
     server = children["interrupted_server"]
-    with Node(swarm="lifecycle") as node:
+    with Node(NodeConfig(swarm="lifecycle")) as node:
         node.add_addrs(server.peer_id, [server.maddr])
         threads, outcomes = start_calls(node, server, 3)  # the server is interrupted with 6 calls in flight
         assert_exits_on_sigint(server)
@@ -173,7 +173,7 @@ def assert_exits_on_sigint(child):
 
 
 def test_closing_a_task_group_cancels_its_tasks_and_only_those():
-    with Node(swarm="lifecycle") as node:
+    with Node(NodeConfig(swarm="lifecycle")) as node:
         mine, other = node.task_group("mine"), node.task_group("other")
         started, cancelled, other_ticks = threading.Event(), threading.Event(), []
 
@@ -206,7 +206,7 @@ def test_closing_a_task_group_cancels_its_tasks_and_only_those():
 
 def test_a_dht_sharing_a_node_stops_its_maintenance_when_shut_down():
     from dht import DHT
-    with Node(swarm="lifecycle") as node:
+    with Node(NodeConfig(swarm="lifecycle")) as node:
         dht = DHT(node=node)
         assert dht.tasks is not None and not dht.tasks.closed
         dht.shutdown()

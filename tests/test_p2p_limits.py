@@ -5,7 +5,7 @@ import time
 
 import trio
 
-from p2p import Node, P2PError, PeerBusy
+from p2p import Node, NodeConfig, P2PError, PeerBusy
 from p2p.limits import LogThrottle, RateLimiter
 
 
@@ -37,9 +37,9 @@ def test_log_throttle_once_per_interval_per_key():
 
 SERVER = r"""
 import sys, trio
-from p2p import Node, ServiceLimits, setup_logging
+from p2p import Node, NodeConfig, ServiceLimits, setup_logging
 setup_logging("INFO")
-node = Node(host_maddrs=["/ip4/127.0.0.1/tcp/0"], max_streams_per_peer=8)
+node = Node(NodeConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"], max_streams_per_peer=8))
 async def hold(ctx, seconds):
     await trio.sleep(float(seconds))
     return "held"
@@ -55,7 +55,7 @@ def test_stream_and_rate_caps_refuse_one_peer_and_serve_the_others(python_proces
     server = python_process(SERVER)
     addr = server.expect("ADDR ", timeout=60)
     target = addr.rsplit("/", 1)[1]
-    greedy, other = Node(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), Node(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    greedy, other = Node(NodeConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"])), Node(NodeConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
     try:
         outcomes: list[str] = []
         other_ms: list[float] = []

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from p2p import Node, P2PError, P2PTimeout, ProtocolViolation, StreamAborted
+from p2p import Node, NodeConfig, P2PError, P2PTimeout, ProtocolViolation, StreamAborted
 from p2p.rpc import open_call, read_reply
 from p2p.streams import PayloadSender, receive_payload, recv_bytes, send_bytes
 
@@ -20,10 +20,10 @@ MiB = 1 << 20
 
 SERVER = r"""
 import hashlib, random, sys, trio
-from p2p import Node, P2PError, ServiceLimits, setup_logging
+from p2p import Node, NodeConfig, P2PError, ServiceLimits, setup_logging
 from p2p.streams import receive_payload, recv_bytes, send_bytes
 setup_logging("INFO")
-node = Node(swarm="payloadtest")
+node = Node(NodeConfig(swarm="payloadtest"))
 events = []
 
 async def upload(ctx, args):
@@ -77,7 +77,7 @@ def server(servers):
 
 @pytest.fixture(scope="module")
 def client():
-    node = Node(swarm="payloadtest")
+    node = Node(NodeConfig(swarm="payloadtest"))
     yield node
     node.stop()
 

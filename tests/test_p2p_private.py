@@ -15,19 +15,19 @@ import torch
 from averaging import Averager, AveragerConfig
 from dht import DHT, get_dht_time
 from dht.dht import DHTBootstrapError
-from p2p import P2PError, peer_id_of
+from p2p import NodeConfig, P2PError, peer_id_of
 from p2p.identity import load_or_create_identity
 from peer.moe.remote import RemoteExpert
 
 SERVER = r"""
 import json, sys, torch
-from p2p import setup_logging
+from p2p import NodeConfig, setup_logging
 setup_logging("INFO")
 from averaging import Averager, AveragerConfig
 from dht import DHT
 from peer.hosting.server import ExpertServer, create_experts
 cfg = json.loads(%r)
-dht = DHT(psk=cfg["psk"], allowed_peers=cfg["allowed"], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+dht = DHT(node_config=NodeConfig(psk=cfg["psk"], allowed_peers=cfg["allowed"], host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
 server = ExpertServer(dht, create_experts("ffn", ["ffn.0.0"], 16, seed=0))
 averager = Averager([torch.zeros(8)], dht, "private", AveragerConfig(target_group_size=2, matchmaking_time=2))
 print("ADDR", dht.addrs[0], flush=True)
@@ -48,17 +48,17 @@ def private_server(python_process, tmp_path):
 def test_without_the_swarm_key_nobody_connects(private_server):
     _, addr, psk, _ = private_server
     with pytest.raises(DHTBootstrapError):
-        DHT(initial_peers=[addr], client_mode=True)
+        DHT(initial_peers=[addr], node_config=NodeConfig(client_mode=True))
     with pytest.raises(DHTBootstrapError):
-        DHT(initial_peers=[addr], client_mode=True, psk=secrets.token_hex(32))
+        DHT(initial_peers=[addr], node_config=NodeConfig(client_mode=True, psk=secrets.token_hex(32)))
 
 
 def test_an_outsider_with_the_key_can_use_no_service(private_server):
     server, addr, psk, insider_key = private_server
     server_id = addr.rsplit("/", 1)[1]
     with pytest.raises(DHTBootstrapError):  # its pings are refused: it cannot join the DHT
-        DHT(initial_peers=[addr], client_mode=True, psk=psk)
-    outsider = DHT(psk=psk, host_maddrs=["/ip4/127.0.0.1/tcp/0"])  # a swarm of its own, then it dials
+        DHT(initial_peers=[addr], node_config=NodeConfig(client_mode=True, psk=psk))
+    outsider = DHT(node_config=NodeConfig(psk=psk, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))  # a swarm of its own, then it dials
     try:
         outsider.node.run(outsider.node.connect, addr)
         record = outsider.make_record("stolen", "value", get_dht_time() + 60)
@@ -80,7 +80,7 @@ def test_an_outsider_with_the_key_can_use_no_service(private_server):
         outsider.shutdown()
 
     # the insider, on the allowlist, uses the same services: the server kept serving
-    insider = DHT(initial_peers=[addr], psk=psk, identity_path=insider_key, client_mode=True)
+    insider = DHT(initial_peers=[addr], node_config=NodeConfig(psk=psk, identity_path=insider_key, client_mode=True))
     try:
         assert insider.store("shared", {"ok": 1}, get_dht_time() + 60)
         found = insider.get("shared", latest=True)
@@ -94,4 +94,4 @@ def test_an_outsider_with_the_key_can_use_no_service(private_server):
 
 def test_bad_swarm_key_is_a_clear_error():
     with pytest.raises(ValueError, match="64 hex"):
-        DHT(psk="not-hex", start=False)
+        DHT(start=False, node_config=NodeConfig(psk="not-hex"))

@@ -11,15 +11,15 @@ import time
 import pytest
 import trio
 
-from p2p import (MessageTooLarge, Node, P2PError, P2PTimeout, PeerBusy, PeerUnreachable, RemoteError,
+from p2p import (MessageTooLarge, Node, NodeConfig, P2PError, P2PTimeout, PeerBusy, PeerUnreachable, RemoteError,
                  StreamAborted, new_identity, pack, peer_id_of)
 from p2p.framing import DATA, MSG
 
 SERVER = r"""
 import sys, trio
-from p2p import Node, ServiceLimits, StreamAborted, setup_logging
+from p2p import Node, NodeConfig, ServiceLimits, StreamAborted, setup_logging
 setup_logging("INFO")
-node = Node(swarm="rpctest")
+node = Node(NodeConfig(swarm="rpctest"))
 servers = {}
 
 async def echo(ctx, args):
@@ -77,7 +77,7 @@ def server(module_python_process):
 
 @pytest.fixture(scope="module")
 def client(server):
-    node = Node(swarm="rpctest")
+    node = Node(NodeConfig(swarm="rpctest"))
     node.add_addrs(server.peer_id, [server.maddr])
     yield node
     node.stop()
@@ -265,7 +265,7 @@ def test_per_peer_concurrency_limit(client, server):
 
 
 def test_swarm_isolation(server):
-    with Node(swarm="otherswarm") as stranger:
+    with Node(NodeConfig(swarm="otherswarm")) as stranger:
         stranger.add_addrs(server.peer_id, [server.maddr])
         start = time.monotonic()
         with pytest.raises(PeerUnreachable):
@@ -274,7 +274,7 @@ def test_swarm_isolation(server):
 
 
 def test_client_mode_node_can_call_but_has_no_addresses(server):
-    with Node(swarm="rpctest", client_mode=True) as hidden:
+    with Node(NodeConfig(swarm="rpctest", client_mode=True)) as hidden:
         assert hidden.addrs == []
         hidden.add_addrs(server.peer_id, [server.maddr])
         assert hidden.call_sync(server.peer_id, "main", "echo", "from behind NAT", timeout=5) == "from behind NAT"

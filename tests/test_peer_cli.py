@@ -9,6 +9,8 @@ import pytest
 
 from dht import DHT, get_dht_time
 
+from p2p import NodeConfig
+
 LOOPBACK = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
 
 
@@ -46,8 +48,8 @@ def test_start_join_store_get_and_ctrl_c():
         b = start_peer(*join.split()[3:], *LOOPBACK)  # exactly the printed flags
         maddr_b = read_join_line(b).split("--initial-peers", 1)[1].split()[0]
         # a client that only knows A stores; a client that only knows B reads it back
-        writer = DHT(initial_peers=[maddr_a], client_mode=True)
-        reader = DHT(initial_peers=[maddr_b], client_mode=True)
+        writer = DHT(initial_peers=[maddr_a], node_config=NodeConfig(client_mode=True))
+        reader = DHT(initial_peers=[maddr_b], node_config=NodeConfig(client_mode=True))
         try:
             assert writer.store("cli-key", {"hello": "swarm"}, get_dht_time() + 60)
             found = reader.get("cli-key", latest=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dht import DHT
+from p2p import NodeConfig
 from peer.moe.experts import create_expert
 from peer.moe.gating import all_uids
 from peer.config import ModelConfig
@@ -26,7 +27,7 @@ UIDS = all_uids(PREFIX, GRID)  # ffn0.0.0, ffn0.0.1 on server A; ffn0.1.0, ffn0.
 SERVER = r"""
 import json, sys, torch
 torch.set_num_threads(1)
-from p2p import setup_logging
+from p2p import NodeConfig, setup_logging
 setup_logging("INFO")
 from dht import DHT
 from peer.hosting.config import HostingConfig
@@ -51,7 +52,7 @@ def start_servers(launch, frozen, client_mode=True):
     for proc in procs:
         proc.maddr = proc.expect("ADDR ", timeout=90)
         proc.peer_id = proc.maddr.rsplit("/", 1)[1]
-    client = DHT(initial_peers=[p.maddr for p in procs], client_mode=client_mode)
+    client = DHT(initial_peers=[p.maddr for p in procs], node_config=NodeConfig(client_mode=client_mode))
     return procs, client
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dht import DHT
-from p2p import RemoteError
+from p2p import NodeConfig, RemoteError
 from peer.hosting.batching import ExpertBatcher
 from peer.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 from peer.moe.directory import ExpertDirectory, ancestors, declared_keys, parent_key
@@ -26,13 +26,13 @@ HIDDEN = 16
 SERVER = r"""
 import json, sys, torch
 torch.set_num_threads(1)
-from p2p import setup_logging
+from p2p import NodeConfig, setup_logging
 setup_logging("INFO")
 from dht import DHT
 from peer.hosting.config import HostingConfig
 from peer.hosting.server import ExpertServer, create_experts
 cfg = json.loads(%r)
-dht = DHT(initial_peers=cfg.get("peers", []), identity_path=cfg.get("identity"))
+dht = DHT(initial_peers=cfg.get("peers", []), node_config=NodeConfig(identity_path=cfg.get("identity")))
 experts = create_experts("ffn", cfg["uids"], cfg["hidden"], seed=cfg.get("seed", 0), max_batch_size=64)
 server = ExpertServer(dht, experts, HostingConfig(
     max_batch_size=cfg.get("max_batch", 64), heartbeat=1.0, expiration=30.0, batch_window_ms=cfg.get("window_ms", 1.0),
@@ -79,7 +79,7 @@ def server(module_python_process):
 
 @pytest.fixture(scope="module")
 def client(server):
-    dht = DHT(initial_peers=[server.maddr], client_mode=True)
+    dht = DHT(initial_peers=[server.maddr], node_config=NodeConfig(client_mode=True))
     yield dht
     dht.shutdown()
 

@@ -173,9 +173,10 @@ def test_per_step_gradient_averaging_keeps_the_trainers_weights_identical(tmp_pa
 def test_an_averaging_round_that_raises_is_a_failed_round_not_a_crash(caplog):
     """Issue 14: an unexpected error inside a round is logged with its traceback, counted, and training goes on."""
     from dht import DHT
+    from p2p import NodeConfig
     from peer.training.trainer import TrainConfig, Trainer
 
-    dht = DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dht = DHT(node_config=NodeConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
     trainer = None
     try:
         trainer = Trainer(dht, TrainConfig(sync="grad", state_timeout=2.0))

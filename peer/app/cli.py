@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from p2p import P2PError, parse_maddr, setup_logging
+from p2p import NodeConfig, P2PError, parse_maddr, setup_logging
 
 logger = logging.getLogger("peer")
 
@@ -190,9 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dht import DHT  # imported late so --help is fast
     dht = None
     try:
-        dht = DHT(initial_peers=args.initial_peers, swarm=args.swarm, host_maddrs=args.host_maddrs,
-                  announce_maddrs=args.announce_maddrs, identity_path=args.identity, client_mode=args.client_mode,
-                  psk=args.psk, allowed_peers=args.allow_peers, bulk_port=args.bulk_port)
+        dht = DHT(initial_peers=args.initial_peers, node_config=NodeConfig(
+            swarm=args.swarm, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
+            identity_path=args.identity, client_mode=args.client_mode, psk=args.psk, allowed_peers=args.allow_peers,
+            bulk_port=args.bulk_port))
         if dht.addrs:
             print("To join this swarm, run:\n  " + join_command(dht.addrs, args.swarm), flush=True)
             print("All addresses of this peer: " + " ".join(dht.addrs), flush=True)
