@@ -19,6 +19,7 @@ Modes:
 """
 from __future__ import annotations
 
+import random
 from typing import Protocol
 
 import torch
@@ -85,7 +86,8 @@ class GradSync:
 
 
 class DiLoCoSync:
-    """Inner steps locally; every ``local_steps`` an outer step on the averaged pseudo-gradient."""
+    """Inner steps locally; every ``local_steps`` an outer step on the averaged pseudo-gradient (after a failed round,
+    the next comes after a random 1 to ``local_steps`` steps, see :meth:`after_backward`)."""
 
     name = "diloco"
     error_feedback = True
@@ -97,13 +99,22 @@ class DiLoCoSync:
         self.tensors = self.outer_grad = [torch.zeros_like(p) for p in dense]
         self.outer_opt = torch.optim.SGD(self.anchor, lr=config.outer_lr, momentum=config.outer_momentum,
                                          nesterov=True)
+        self.next_round = config.local_steps   # the local step after which we average next
+        self.last_round = 0                    # the step of our last attempt (it published progress)
+        self.rng = random.Random()
 
     def after_backward(self, trainer: Loop, samples: int) -> None:
         clip_and_step(self.dense, self.opt)
-        if trainer.step % self.config.local_steps == 0:
-            self.outer_step(trainer)
+        if trainer.step >= self.next_round:
+            self.last_round = trainer.step
+            ok = self.outer_step(trainer)
+            # Trainers of equal speed keep the phase they have: once their rounds drift further apart than the
+            # matchmaking time, every round finds nobody, for good. A failed round is therefore retried after a
+            # random number of steps (1 to local_steps), so drifted rounds come together again.
+            self.next_round = trainer.step + (self.config.local_steps if ok else
+                                              self.rng.randint(1, self.config.local_steps))
 
-    def outer_step(self, trainer: Loop) -> None:
+    def outer_step(self, trainer: Loop) -> bool:
         """Average pseudo-gradients, apply them to the anchor with Nesterov SGD, restart from it.
 
         Averaging pseudo-gradients never brings two different anchors back together, so a trainer that
@@ -119,7 +130,7 @@ class DiLoCoSync:
                     p.copy_(a - g)
         trainer.publish_progress()  # once per round, so the LR schedule follows the swarm's samples closely
         if not trainer.average(weight=trainer.samples_since_sync):
-            return  # keep training locally; the next round averages the longer stretch
+            return False  # keep training locally; the next round averages the longer stretch
         with torch.no_grad():
             for a, g in zip(self.anchor, self.outer_grad):
                 a.grad = g.clone()
@@ -129,10 +140,11 @@ class DiLoCoSync:
         trainer.samples_since_sync = 0
         trainer.take_snapshot()
         trainer.announce_state()  # now, so peers that missed this round catch up before their next one
+        return True
 
     def progress_due(self, step: int) -> bool:
         due = step == 1 or step % self.config.eval_every == 0
-        return due and step % self.config.local_steps != 0   # an outer step has just published
+        return due and step != self.last_round   # an outer step has just published
 
     def shared_tensors(self) -> list[torch.Tensor]:
         momentum = [self.outer_opt.state.get(a, {}).get("momentum_buffer") for a in self.anchor]
@@ -152,6 +164,7 @@ class DiLoCoSync:
         return {"anchor": [a.clone() for a in self.anchor], "outer_opt": self.outer_opt.state_dict()}
 
     def restore(self, state: dict) -> None:
+        self.next_round = state.get("step", 0) + self.config.local_steps
         if "anchor" in state:
             with torch.no_grad():
                 for a, saved in zip(self.anchor, state["anchor"]):
