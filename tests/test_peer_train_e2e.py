@@ -140,9 +140,9 @@ def test_the_lr_schedule_follows_the_swarms_samples_between_dht_reads():
 
 
 @pytest.mark.slow
-def test_per_step_gradient_averaging_keeps_the_trainers_weights_identical(tmp_path):
-    """``--sync grad`` (peer.training.sync.GradSync): every step averages the gradients, so two trainers that
-    start from the same weights and average every step hold the same dense weights after each step."""
+def test_per_step_gradient_averaging_trains_two_trainers_together(tmp_path):
+    """``--sync grad`` (peer.training.sync.GradSync): every step averages the gradients of both trainers. (Their
+    weights are close, not bit-identical: each follows the LR schedule from its own view of the swarm's samples.)"""
     peers: list[Peer] = []
     try:
         boot = Peer("bootstrap", tmp_path, "--swarm", "grad")
@@ -160,11 +160,7 @@ def test_per_step_gradient_averaging_keeps_the_trainers_weights_identical(tmp_pa
         rounds = [tuple(map(int, FINAL.findall(t.log())[-1])) for t in trainers]
         assert all(ok >= 10 for ok, _ in rounds), rounds   # 15 steps each: most of them averaged
         states = [torch.load(c / "trainer.pt", weights_only=False) for c in ckpt]
-        assert "anchor" not in states[0] and states[0]["step"] == 15
-        if all(failed == 0 for _, failed in rounds):        # every step averaged on both: the very same weights
-            dense = [{k: v for k, v in s["model"].items() if ".experts." not in k} for s in states]
-            for name, value in dense[0].items():
-                assert torch.equal(value, dense[1][name]), name
+        assert all("anchor" not in s and s["step"] == 15 for s in states)   # grad mode keeps no DiLoCo anchor
     finally:
         for p in reversed(peers):
             p.stop()
