@@ -22,17 +22,17 @@ import trio
 
 from .addresses import host_of, parse_maddr
 from .bulk import BulkPlane
-from .config import DEFAULT_HOST_MADDRS, NodeConfig
+from .config import NodeConfig
 from .errors import P2PError, P2PTimeout
 from .framing import MAX_FRAME_BYTES, STREAM_TIMEOUT, FramedStream
-from .host import ADDR_TTL, DIAL_TIMEOUT, Host
+from .host import DIAL_TIMEOUT, Host
 from .identity import load_or_create_identity, peer_id_of
 from .rpc import Handler, RPCServer, ServiceLimits, call
 from .tasks import TaskGroup
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ADDR_TTL", "DEFAULT_HOST_MADDRS", "Node", "parse_maddr"]
+__all__ = ["Node", "parse_maddr"]
 
 
 class Node:

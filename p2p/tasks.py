@@ -12,6 +12,8 @@ from typing import Any
 
 import trio
 
+from .errors import P2PError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,8 +43,8 @@ class TaskGroup:
         self.closed = True
         try:
             self._run_sync_soon(self._scope.cancel)
-        except Exception:  # the node has stopped: its nursery, this group's with it, is gone already
-            pass
+        except P2PError:  # the node has stopped: its nursery, this group's with it, is gone already
+            logger.debug("Task group %s closed after its node stopped", self.name)
 
     def _spawn_in_loop(self, async_fn: Callable[..., Awaitable[Any]], args: tuple) -> None:
         if self.closed:

@@ -21,7 +21,11 @@ shutdown, and loaded again when a server with the same UIDs starts.
 
 Example::
 
-    dht = DHT(initial_peers=[...], node_config=NodeConfig(identity_path="server.key"))   # from p2p import NodeConfig
+    from dht import DHT
+    from p2p import NodeConfig
+    from peer.hosting.config import HostingConfig
+
+    dht = DHT(initial_peers=[...], node_config=NodeConfig(identity_path="server.key"))
     server = ExpertServer(dht, create_experts("ffn", ["ffn.0.0", "ffn.0.1"], hidden_dim=1024),
                           HostingConfig(checkpoint_dir="ckpt/"))
     ...
