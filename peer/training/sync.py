@@ -6,6 +6,7 @@ Both keep the interface a :class:`~peer.training.trainer.Trainer` drives:
 * :meth:`after_backward` — the optimizer step(s) of one local step, averaging when it is due;
 * :meth:`shared_tensors` / :meth:`adopt` — the state a newcomer downloads, and taking the swarm's;
 * :meth:`progress_due` — whether the train loop publishes progress at a step (a round may have just done so);
+* :meth:`finish` — what a trainer does once it has seen all its samples (its last state is the swarm's);
 * :meth:`state` / :meth:`restore` — what goes into, and comes back from, a checkpoint.
 
 Modes:
@@ -69,6 +70,9 @@ class GradSync:
 
     def progress_due(self, step: int) -> bool:
         return step == 1 or step % PROGRESS_STEPS == 0
+
+    def finish(self, trainer: Loop) -> None:
+        pass  # every step was averaged
 
     def shared_tensors(self) -> list[torch.Tensor]:
         return list(self.dense)
@@ -141,6 +145,14 @@ class DiLoCoSync:
         trainer.take_snapshot()
         trainer.announce_state()  # now, so peers that missed this round catch up before their next one
         return True
+
+    def finish(self, trainer: Loop) -> None:
+        """A last outer step when the last local steps were not averaged yet: a finished trainer keeps (and
+        checkpoints) the swarm's anchor, not its own drift. Trainers that finish together meet in this round
+        even when their scheduled rounds fell apart after a failed one."""
+        if trainer.samples_since_sync > 0 and self.last_round != trainer.step:
+            self.last_round = trainer.step
+            self.outer_step(trainer)
 
     def progress_due(self, step: int) -> bool:
         due = step == 1 or step % self.config.eval_every == 0

@@ -264,6 +264,7 @@ class Trainer:
                     self.save()
                 if on_step is not None:
                     on_step(self, loss)
+            self.sync.finish(self)
             if not self.history or self.history[-1]["step"] != self.step:
                 eval_loss = self._evaluate_when_possible()
                 if eval_loss is not None:
