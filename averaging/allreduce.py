@@ -9,19 +9,22 @@ members own nothing). Then, on every member at once:
    or never shows up is excluded from that part; one that sent NaN/Inf or garbage is also banned
    (:mod:`averaging.bans`). With a declared bandwidth each flow is paced at its share of it
    (:func:`~averaging.partition.pacing_rates`), so all end together and a capped uplink stays busy.
-2. **All-gather.** When its part is reduced, the owner compresses the mean once and sends the same
-   bytes back on every stream; everybody (the owner included) keeps ``decompress(bytes)``, so all
-   members hold bit-identical values for the part. While waiting the owner sends keepalives, so a
-   dead or frozen owner is detected within ``chunk_timeout``. A result with NaN/Inf is refused (and its
-   owner banned): that part is then missing, and repaired without it.
-3. **Repair** (only when some part is missing). Ask every other member which parts it holds. A part
-   some member holds is fetched from it (raw float32, exact, checked finite). A part nobody holds (its
-   owner died before sending it to anyone) is reduced again by the first responsive non-client member, from
-   the contributions of all responsive members.
+2. **Settle the membership** (:mod:`averaging.membership`): when its part's senders are done, the owner
+   asks the other owners whom they included; the round's mean holds exactly the members included by
+   every owner that answered, in every part.
+3. **All-gather.** The owner compresses its part's mean over that membership once and sends the same
+   bytes, headed by the membership, back on every stream; everybody (the owner included) keeps
+   ``decompress(bytes)``, so all members hold bit-identical values for the part. While waiting the owner
+   sends keepalives, so a dead or frozen owner is detected within ``chunk_timeout``. A result with NaN/Inf
+   is refused (and its owner banned): that part is then missing, and repaired without it.
+4. **Repair** (only when some part is missing). Ask every other member which parts it holds. A part
+   some member holds is fetched from it (raw float32, exact, checked finite, with its membership). A part
+   nobody holds (its owner died before sending it to anyone) is reduced again, from the contributions of
+   exactly the round's membership, by its first responsive non-client member.
 
-A member commits (writes results into its tensors) only if it holds every part; otherwise the round
-fails explicitly and its tensors stay unchanged. Members keep a finished round around for
-``linger`` seconds so that others can still fetch parts from them.
+A member commits (writes results into its tensors) only if it holds every part and every part holds the
+same membership of two or more; otherwise the round fails explicitly and its tensors stay unchanged.
+Members keep a finished round around for ``linger`` seconds so that others can still fetch parts from them.
 """
 from __future__ import annotations
 
@@ -38,12 +41,14 @@ from .bans import BanList
 from .checks import all_finite, max_abs
 from .feedback import RoundFeedback
 from .group import Member, RoundConfig
+from .membership import agreed, parse_result_header, result_header, settle
+from .repair import RepairPhase
 from .partition import iter_chunks, pacing_rates, split_by_bandwidth
 from .reduce import BadContribution, PartReducer, ReduceError
 
 logger = logging.getLogger(__name__)
 
-KEEPALIVE, RESULT = "wait", "result"
+KEEPALIVE = "wait"
 
 
 @dataclass
@@ -52,9 +57,13 @@ class RoundStats:
     bytes_received: int = 0
     excluded: set[str] = field(default_factory=set)
     repaired_parts: list[int] = field(default_factory=list)
+    timeline: dict[str, float] = field(default_factory=dict)   # phase -> trio time it ended
+
+    def mark(self, phase: str) -> None:
+        self.timeline[phase] = trio.current_time()
 
 
-class AllReduceRound:
+class AllReduceRound(RepairPhase):
     """One member's state for one all-reduce round; created by :class:`~averaging.averager.Averager`.
 
     :param node: our p2p node; ``config``: the averager's :class:`~averaging.group.RoundConfig`.
@@ -82,6 +91,10 @@ class AllReduceRound:
         self.result_bytes: dict[int, list[bytes]] = {}
         self.result_ready: dict[int, trio.Event] = {}
         self.phase1_done = trio.Event()
+        self.included = trio.Event()                          # our own part's included set is fixed
+        self.own_included: frozenset[str] = frozenset()
+        self.memberships: dict[int, tuple[str, ...]] = {}     # part -> whose contributions its mean holds
+        self.started_at = trio.current_time()
         self.started: dict[int, set[str]] = {}
         self.progress: dict[int, trio.Event] = {}
         self.stats = RoundStats()
@@ -117,8 +130,8 @@ class AllReduceRound:
         await self._event(self.progress, part).wait()
         self.progress[part] = trio.Event()
 
-    async def finish_part(self, part: int, deadline_senders: float) -> None:
-        """Wait until every sender finished or was excluded, then publish the mean.
+    async def finish_part(self, part: int, deadline_senders: float, repair: bool = False) -> None:
+        """Wait until every sender finished or was excluded, settle the membership, then publish the mean.
 
         A sender that has not started within ``start_timeout`` (dialing a new peer and its handshake
         may take a while on a busy machine) is excluded; one that started is bounded by the per-chunk
@@ -146,13 +159,55 @@ class AllReduceRound:
                             self.round_id[-8:], sender[-8:], part)
                 reducer.exclude(sender)
                 self.stats.excluded.add(sender)
+        included = frozenset(reducer.active_senders)
+        if repair:  # reduced from the membership the round settled on: it holds that, or the round fails
+            members = included
+        else:
+            self.own_included = included
+            self.included.set()
+            owners = [m.peer_id for j, m in enumerate(self.members) if j != part and self._nonempty(j)]
+            members = await settle(self.node, self.config.service, self.round_id, included, owners,
+                                   self.settle_deadline())
+        for sender in reducer.active_senders:
+            if sender not in members:
+                reducer.exclude(sender)
+        if not reducer.active_senders:
+            logger.info("Round %s: part %d has no contribution left to average", self.round_id[-8:], part)
+            del self.reducers[part]
+            self._event(self.result_ready, part).set()
+            return
+        self.memberships[part] = tuple(sorted(members))
         mean = reducer.result()
         start, _ = self.parts[part]
         self.result_bytes[part] = [self.feedback.compress(("result", a, b), mean[a - start:b - start].contiguous(),
                                                           out=self.result[a:b]) for a, b in self._chunks(part)]
         self.have.add(part)
+        self.stats.mark("reduced")
         del self.reducers[part]  # free the per-sender buffers now
         self._event(self.result_ready, part).set()
+
+    def _nonempty(self, part: int) -> bool:
+        return self.parts[part][0] < self.parts[part][1]
+
+    def settle_deadline(self) -> float:
+        """When a live owner has fixed its included set at the latest (its senders' start and transfer
+        deadlines from the round's start, see :meth:`finish_part`), plus a chunk deadline for its answer."""
+        return self.started_at + self.config.start_timeout + self._transfer_budget() + self.chunk_timeout
+
+    async def serve_included(self) -> list[str]:
+        """Whom our part included (step 2 of :mod:`averaging.membership`), once it is fixed."""
+        if not self._nonempty(self.index):
+            raise ValueError(f"we own no part of round {self.round_id[-8:]}")
+        with trio.move_on_after(max(self.settle_deadline() - trio.current_time(), 0.0)):
+            await self.included.wait()
+        if not self.included.is_set():
+            raise ValueError(f"our part of round {self.round_id[-8:]} is not reduced yet")
+        return sorted(self.own_included)
+
+    @property
+    def contributors(self) -> tuple[str, ...] | None:
+        """The membership every part holds, if they all hold the same one (else the round cannot commit)."""
+        return agreed(self.memberships, [j for j in range(len(self.parts)) if self._nonempty(j)])
 
     # ------------------------------------------------------------------ sender side
     async def exchange_part(self, part: int, repair: bool = False) -> bool:
@@ -170,8 +225,11 @@ class AllReduceRound:
                 for a, b in self._chunks(part):
                     await sender.send(self.feedback.compress(("sent", a, b), self.local[a:b]))
                 await sender.finish()
-                while (await stream.recv_msg()) == KEEPALIVE:
-                    pass
+                self.stats.mark("sent")  # the last part's send to end sets it
+                msg = await stream.recv_msg()
+                while msg == KEEPALIVE:
+                    msg = await stream.recv_msg()
+                members = parse_result_header(msg, self.peer_ids)
                 chunks = list(self._chunks(part))
                 async with receive_payload(stream, window_bytes=self.config.window_bytes,
                                            timeout=self.chunk_timeout) as incoming:
@@ -187,6 +245,7 @@ class AllReduceRound:
                 await read_reply(stream, "part")
                 self.stats.bytes_sent += stream.bytes_sent
                 self.stats.bytes_received += stream.bytes_received
+            self.memberships[part] = members
             self.have.add(part)
             return True
         except (P2PError, ReduceError, ValueError) as e:
@@ -221,6 +280,8 @@ class AllReduceRound:
         reducer = self.reducers.get(part)
         if reducer is None:
             raise ValueError(f"we do not reduce part {part} in round {self.round_id[-8:]}")
+        if sender_id not in reducer.expected_senders:
+            raise ValueError(f"{sender_id[-8:]} is not in the membership part {part} is reduced from")
         if self.bans.is_banned(sender_id):  # e.g. banned this round for the NaN result of its own part
             if sender_id in reducer.expected_senders:  # excluded now, rather than awaited until the deadline
                 reducer.exclude(sender_id)
@@ -264,20 +325,15 @@ class AllReduceRound:
                 await ready.wait()
             if not ready.is_set():
                 await stream.send_msg(KEEPALIVE)
-        await stream.send_msg(RESULT)
+        if part not in self.memberships:
+            raise ValueError(f"part {part} of round {self.round_id[-8:]} has no contribution left to average")
+        await stream.send_msg(result_header(self.memberships[part]))
         if self.result_pace and not repair:
             stream.pace(self.result_pace)
         sender = PayloadSender(stream, window_bytes=self.config.window_bytes, timeout=self.chunk_timeout)
         for blob in self.result_bytes[part]:
             await sender.send(blob)
         await sender.finish()
-
-    def status(self) -> list[int]:
-        return sorted(self.have)
-
-    def part_values(self, part: int) -> torch.Tensor:
-        start, end = self.parts[part]
-        return self.result[start:end]
 
     # ------------------------------------------------------------------ the round
     async def run(self) -> bool:
@@ -293,92 +349,20 @@ class AllReduceRound:
                 if j != self.index and a < b:
                     nursery.start_soon(self.exchange_part, j)
         self.phase1_done.set()
+        self.stats.mark("gathered")
         missing = [j for j in range(len(self.parts)) if j not in self.have]
         if missing:
             await self.repair(missing)
-        return len(self.have) == len(self.parts)
+            self.stats.mark("repaired")
+        if len(self.have) < len(self.parts):
+            return False
+        if self.contributors is None:
+            logger.info("Round %s: parts hold different memberships (%s): not committed", self.round_id[-8:],
+                        sorted({len(m) for m in self.memberships.values()}))
+            return False
+        return True
 
     def _transfer_budget(self) -> float:
         nbytes = self.compression.bytes_for(self.local.numel())
         slowest = min((m.bandwidth for m in self.members if m.bandwidth > 0), default=1.0)
         return nbytes / slowest + self.config.start_timeout
-
-    async def repair(self, missing: list[int]) -> None:
-        """Phase 3: fetch parts others hold; re-reduce parts nobody holds among responsive members."""
-        logger.info("Round %s: repairing parts %s", self.round_id[-8:], missing)
-        holders: dict[str, list[int]] = {self.me: self.status()}
-
-        async def ask(peer_id: str) -> None:
-            try:
-                reply = await self.node.call(peer_id, self.config.service, "status", {"round": self.round_id},
-                                             timeout=self.config.status_timeout)
-                if isinstance(reply, list):
-                    holders[peer_id] = [int(p) for p in reply if isinstance(p, int)]
-            except P2PError as e:
-                logger.info("Round %s: %s did not answer status: %s", self.round_id[-8:], peer_id[-8:], e)
-
-        async with trio.open_nursery() as nursery:
-            for m in self.members:
-                if m.peer_id != self.me and not m.client:
-                    nursery.start_soon(ask, m.peer_id)
-        responsive = [p for p in self.peer_ids if p in holders and not self.bans.is_banned(p)]
-        self.repair_owner: dict[int, str] = {}
-        to_fetch, to_reduce = {}, []
-        for j in missing:
-            donors = [p for p in responsive if j in holders[p] and p != self.me]
-            if donors:
-                to_fetch[j] = donors
-            else:
-                owners = [p for p in responsive if not self.members[self.peer_ids.index(p)].client]
-                if not owners:
-                    return
-                self.repair_owner[j] = owners[0]
-                to_reduce.append(j)
-        async with trio.open_nursery() as nursery:
-            for j, donors in to_fetch.items():
-                nursery.start_soon(self._fetch_any, j, donors)
-            for j in to_reduce:
-                self.stats.repaired_parts.append(j)
-                if self.repair_owner[j] == self.me:
-                    self.open_part(j, responsive)
-                    nursery.start_soon(self.finish_part, j, self._transfer_budget())
-                else:
-                    nursery.start_soon(self.exchange_part, j, True)
-
-    async def _fetch_any(self, part: int, donors: list[str]) -> None:
-        for donor in donors:
-            if await self._fetch(part, donor):
-                return
-
-    async def _fetch(self, part: int, donor: str) -> bool:
-        start, end = self.parts[part]
-        try:
-            async with open_call(self.node, donor, self.config.service, "fetch",
-                                 {"round": self.round_id, "part": part}, timeout=self.chunk_timeout,
-                                 max_message_bytes=self.config.max_frame, bulk=True) as stream:
-                stream.timeout = self.chunk_timeout
-                view = memoryview(self.result[start:end].numpy()).cast("B")
-                offset = 0
-                async with receive_payload(stream, window_bytes=self.config.window_bytes,
-                                           timeout=self.chunk_timeout, max_bytes=len(view)) as incoming:
-                    async for blob in incoming:
-                        view[offset:offset + len(blob)] = blob
-                        offset += len(blob)
-                await read_reply(stream, "fetch")
-            if offset == len(view):
-                if not all_finite(self.result[start:end]):
-                    self._ban(donor, f"served part {part} with NaN/inf")
-                    return False
-                self.have.add(part)
-                return True
-        except (P2PError, ValueError) as e:
-            logger.info("Round %s: fetching part %d from %s failed: %s", self.round_id[-8:], part, donor[-8:], e)
-        return False
-
-    async def serve_fetch(self, stream, part: int) -> None:
-        if part not in self.have:
-            raise ValueError(f"we do not hold part {part} of round {self.round_id[-8:]}")
-        values = self.part_values(part)
-        sender = PayloadSender(stream, window_bytes=self.config.window_bytes, timeout=self.chunk_timeout)
-        await sender.send_buffer(memoryview(values.numpy()).cast("B"))
-        await sender.finish()

@@ -58,6 +58,10 @@ class StepResult:
     #: seconds spent finding the group, and in the all-reduce proper (data transfer, reduce, repair)
     matchmaking_s: float = 0.0
     allreduce_s: float = 0.0
+    #: the members whose contributions the mean holds (every part the same ones); empty if not ok
+    contributors: list[str] = field(default_factory=list)
+    #: seconds from the step's start to each phase's end: "group", "sent", "reduced", "gathered", "repaired"
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 def round_config(config: AveragerConfig, numel: int, service: str) -> RoundConfig:
@@ -79,11 +83,13 @@ def round_config(config: AveragerConfig, numel: int, service: str) -> RoundConfi
 
 def step_timeout(config: AveragerConfig, rounds: RoundConfig, numel: int, deadlines: Deadlines) -> float:
     """A step's deadline when none is given: matchmaking (gathering, then a follower's join call), the data
-    both ways at our bandwidth, then the slowest sender's start and a repair (a status call and a fetch)."""
+    both ways at our bandwidth, then the slowest sender's start, settling the membership (a silent owner's
+    answer), and a repair (a status call and a fetch)."""
     bandwidth = float(config.bandwidth or NOMINAL_BANDWIDTH) * 1e6
     matchmaking = config.matchmaking_time + deadlines.join_call_timeout
     transfer = 2 * rounds.compression.bytes_for(numel) / bandwidth
-    return matchmaking + transfer + rounds.start_timeout + rounds.status_timeout + rounds.chunk_timeout
+    return (matchmaking + transfer + rounds.start_timeout + rounds.chunk_timeout + rounds.status_timeout
+            + rounds.chunk_timeout)
 
 
 class Averager:
@@ -121,7 +127,8 @@ class Averager:
         self.steps = 0
         if not self.client_mode:
             self.node.serve(self.round_config.service, {"join": self._rpc_join, "part": self._rpc_part,
-                                                        "status": self._rpc_status, "fetch": self._rpc_fetch},
+                                                        "status": self._rpc_status, "fetch": self._rpc_fetch,
+                                                        "included": self._rpc_included},
                             limits=ServiceLimits(max_message_bytes=self.round_config.max_frame,
                                                  max_concurrent_per_peer=16, handler_timeout=3600.0,
                                                  read_timeout=self.round_config.chunk_timeout))
@@ -185,6 +192,10 @@ class Averager:
                 result.group_size, result.peers = len(round_.members), list(round_.peer_ids)
                 result.bytes_sent, result.bytes_received = round_.stats.bytes_sent, round_.stats.bytes_received
                 result.excluded, result.repaired_parts = sorted(round_.stats.excluded), round_.stats.repaired_parts
+                result.timeline = {"group": group_formed - started,
+                                   **{k: t - started for k, t in round_.stats.timeline.items()}}
+                if result.ok:
+                    result.contributors = list(round_.contributors)
                 self.tasks.spawn(self._forget_round, round_.round_id)
             if scope.cancelled_caught:
                 result.ok, result.reason = False, f"round did not finish within {budget:.1f}s"
@@ -265,6 +276,12 @@ class Averager:
         with trio.move_on_after(self.round_config.start_timeout):
             await round_.phase1_done.wait()
         return round_.status()
+
+    async def _rpc_included(self, ctx: CallContext, args: Any) -> list[str]:
+        round_ = await self._round(args)
+        if ctx.peer_id not in round_.peer_ids:
+            raise ValueError("not a member of this round")
+        return await round_.serve_included()
 
     async def _rpc_fetch(self, ctx: CallContext, args: Any) -> str:
         round_ = await self._round(args)

@@ -167,6 +167,7 @@ class DHT:
         batches: dict[str, tuple[PeerInfo, list[int]]] = {}
         spares: dict[DHTID, list[PeerInfo]] = {}  # answered the lookup but are not among the nearest
         missing: dict[DHTID, int] = {}  # replicas of a key that a target failed to take
+        late: dict[str, tuple[PeerInfo, list[int]]] = {}   # peers too slow to wait for in the lookups
 
         lookups = trio.CapacityLimiter(MAX_PARALLEL_LOOKUPS)
 
@@ -175,6 +176,8 @@ class DHT:
                 found = await lookup(self.protocol, key_id, want_values=False, count=self.config.num_replicas)
             targets = found.nearest[: self.config.num_replicas]
             spares[key_id] = found.nearest[self.config.num_replicas:]
+            for peer in found.slow:   # maybe replicas too: they get the records without the caller waiting on them
+                late.setdefault(peer.peer_id, (peer, []))[1].extend(indices)
             if self._is_replica(key_id, targets):
                 for i in indices:
                     accepted[i] |= self.protocol.accept(records[i])[0]
@@ -201,6 +204,9 @@ class DHT:
         async with trio.open_nursery() as nursery:
             for key_id, indices in by_key.items():
                 nursery.start_soon(locate, key_id, indices)
+        for peer, indices in late.values():
+            if peer.peer_id not in batches:
+                self.tasks.spawn(send, peer, indices, False)
         async with trio.open_nursery() as nursery:
             for peer, indices in batches.values():
                 nursery.start_soon(send, peer, indices, True)

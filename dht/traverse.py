@@ -11,7 +11,13 @@
    or one takes longer than rpc_timeout / 10; from then on alpha at a time.
 
 Unlike the paper's strict rounds, a new request starts as soon as any one finishes, so a slow peer
-costs one slot, not a round.
+costs one slot, not a round. A request in flight longer than :data:`SLOW_FACTOR` times the slowest answer
+this lookup has had (and at least ``rpc_timeout / 10``) makes its peer *slow*: step 4 no longer waits for
+it (the next-nearest peer takes its place among the ``count`` nearest and is asked). When the lookup ends,
+its requests to slow peers are cancelled and each slow peer is pinged in the DHT's background tasks: one
+that misses that deadline too is forgotten as usual. A frozen or cut-off peer among a key's replicas thus
+costs a lookup a fraction of ``rpc_timeout``, not all of it (matchmaking gathers for less than one
+``rpc_timeout``). Slowness is relative, so on a machine where every answer is slow nobody is routed around.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from .protocol import DHTProtocol
 from .records import DHTID, Record
 from .routing import PeerInfo
 
+SLOW_FACTOR = 4.0   # a request this many times slower than the lookup's slowest answer is a slow peer's
+
 
 @dataclass
 class LookupResult:
@@ -32,6 +40,7 @@ class LookupResult:
     records: list[Record] = field(default_factory=list)
     holders: set[str] = field(default_factory=set)
     asked: int = 0
+    slow: list[PeerInfo] = field(default_factory=list)   # asked, not waited for (see the module docstring)
 
 
 async def lookup(protocol: DHTProtocol, target: DHTID, *, want_values: bool, stop_on_value: bool = False,
@@ -55,21 +64,33 @@ async def lookup(protocol: DHTProtocol, target: DHTID, *, want_values: bool, sto
     answered: dict[int, PeerInfo] = {}
     result = LookupResult(nearest=[])
     done = trio.Event()
-    in_flight = 0
+    in_flight: dict[int, float] = {}   # node id -> when we asked it
     wakeup = trio.Event()
 
-    def next_candidates() -> list[PeerInfo]:
-        ranked = sorted(shortlist.values(), key=lambda p: p.node_id ^ target)[:count]
+    slowest_answer: float | None = None   # seconds; None until a peer has answered
+
+    def slow_after() -> float:
+        return float("inf") if slowest_answer is None else max(hedge_after, SLOW_FACTOR * slowest_answer)
+
+    def slow(now: float) -> set[int]:
+        return {node_id for node_id, asked_at in in_flight.items() if now - asked_at >= slow_after()}
+
+    def next_candidates(now: float) -> list[PeerInfo]:
+        lagging = slow(now)
+        ranked = sorted((p for p in shortlist.values() if p.node_id not in lagging),
+                        key=lambda p: p.node_id ^ target)[:count]
         return [p for p in ranked if p.node_id not in asked]
 
     async def ask(peer: PeerInfo) -> None:
-        nonlocal in_flight, wakeup, limit
+        nonlocal wakeup, limit, slowest_answer
         try:
+            asked_at = trio.current_time()
             reply = await protocol.find(peer, [target], want_values)
             if reply is None:
                 shortlist.pop(peer.node_id, None)
                 limit = alpha
                 return
+            slowest_answer = max(slowest_answer or 0.0, trio.current_time() - asked_at)
             records, peers = reply[0]
             answered[peer.node_id] = peer
             if records:
@@ -83,28 +104,34 @@ async def lookup(protocol: DHTProtocol, target: DHTID, *, want_values: bool, sto
                 if p.node_id != protocol.node_id and p.node_id not in shortlist:
                     shortlist[p.node_id] = p
         finally:
-            in_flight -= 1
+            in_flight.pop(peer.node_id, None)
             wakeup.set()
 
     async with trio.open_nursery() as nursery:
         while not done.is_set():
-            candidates = next_candidates()
-            while candidates and in_flight < limit:
+            now = trio.current_time()
+            candidates = next_candidates(now)
+            lagging = slow(now)
+            while candidates and len(in_flight) - len(lagging) < limit:
                 peer = candidates.pop(0)
                 asked.add(peer.node_id)
-                in_flight += 1
+                in_flight[peer.node_id] = now
                 result.asked += 1
                 nursery.start_soon(ask, peer)
-            if in_flight == 0:
-                break
+            if len(in_flight) == len(lagging):
+                break   # nothing left to ask but slow peers: done without them
             wakeup = trio.Event()
-            if limit < alpha:
-                with trio.move_on_after(hedge_after):
-                    await wakeup.wait()
-                if not wakeup.is_set():
-                    limit = alpha  # the peer we asked is slow: ask others beside it
-            else:
+            # wake at the next answer, when the oldest request still deemed fast becomes slow, or (a lookup that
+            # asks one peer at a time) when that request is slower than hedge_after
+            oldest = min(t for node_id, t in in_flight.items() if node_id not in lagging)
+            wait = min(slow_after(), hedge_after if limit < alpha else float("inf"))
+            with trio.move_on_after(max(oldest + wait - trio.current_time(), 0.0)):
                 await wakeup.wait()
+            if not wakeup.is_set() and limit < alpha:
+                limit = alpha  # the peer we asked is slow: ask others beside it
+        for node_id in slow(trio.current_time()):
+            result.slow.append(shortlist[node_id])
+            protocol.tasks.spawn(protocol.ping, shortlist[node_id])
         nursery.cancel_scope.cancel()
     result.nearest = sorted(answered.values(), key=lambda p: p.node_id ^ target)[:k]
     return result

@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 ADDR_TTL = 3600  # seconds an address learned from the DHT stays in the peerstore
 NEGATIVE_DIAL_CACHE_S = 5.0  # seconds a peer whose every address failed is not redialed
 DIAL_TIMEOUT = STREAM_TIMEOUT
+#: Opening a stream on a connection we already hold takes a couple of round trips (yamux, then protocol
+#: negotiation). One that has not opened in this long is stuck on a dead session (the peer froze or its link
+#: went down long enough for its yamux to give up on us, and nobody told us), so the connection is dropped
+#: and the next open dials afresh, instead of every later open waiting out its deadline on it.
+STUCK_OPEN_S = 2.0
 
 StreamHandler = Callable[[FramedStream], Awaitable[None]]
 
@@ -237,11 +242,24 @@ class Host:
         """Open a libp2p stream to ``peer_id`` speaking ``service`` (dials if not connected), within ``timeout``.
         ``bulk`` is ignored: a host has only libp2p streams (the node adds the bulk plane)."""
         pid = self.check_peer(peer_id)
+        was_connected, started = self.is_connected(peer_id), trio.current_time()
         with trio.move_on_after(timeout) as scope:
             try:
                 raw = await self.libp2p.new_stream(pid, [self.protocol_id(service, version)])
             except Exception as e:
                 raise PeerUnreachable(f"cannot open {service} stream to {peer_id[-8:]}: {type(e).__name__}: {e}") from None
         if scope.cancelled_caught:
+            if was_connected and trio.current_time() - started >= STUCK_OPEN_S:
+                await self.drop_connection(peer_id, f"opening a {service} stream took {timeout:.1f}s")
             raise P2PTimeout(f"opening a {service} stream to {peer_id[-8:]} took longer than {timeout}s")
         return FramedStream(raw, peer_id, max_frame_bytes=max_frame_bytes, timeout=timeout)
+
+    async def drop_connection(self, peer_id: str, why: str) -> None:
+        """Close our connections to ``peer_id`` (see :data:`STUCK_OPEN_S`); the next stream to it dials again."""
+        logger.info("Dropping our connection to %s: %s", peer_id[-8:], why)
+        self.stream_pool.drop_peer(peer_id)   # its idle streams ride on that connection
+        with trio.CancelScope(shield=True), trio.move_on_after(DIAL_TIMEOUT):
+            try:
+                await self.libp2p.get_network().close_peer(ID.from_base58(peer_id))
+            except Exception as e:  # closing a dead session may fail in any way; it is gone either way
+                logger.debug("Closing the connection to %s failed: %s", peer_id[-8:], e)

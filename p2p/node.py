@@ -25,7 +25,7 @@ from .bulk import BulkPlane
 from .config import NodeConfig
 from .errors import P2PError, P2PTimeout
 from .framing import MAX_FRAME_BYTES, STREAM_TIMEOUT, FramedStream
-from .host import DIAL_TIMEOUT, Host
+from .host import DIAL_TIMEOUT, STUCK_OPEN_S, Host
 from .identity import load_or_create_identity, peer_id_of
 from .rpc import Handler, RPCServer, ServiceLimits, call
 from .tasks import TaskGroup
@@ -175,14 +175,18 @@ class Node:
         back to a libp2p stream where that is not possible. A bulk attempt cut short by the deadline raises
         :class:`~p2p.errors.P2PTimeout` like any other open that runs out of time."""
         self.host.check_peer(peer_id)
-        deadline = trio.current_time() + timeout     # one budget for a bulk attempt and its fallback
+        started = trio.current_time()
+        deadline = started + timeout     # one budget for a bulk attempt and its fallback
         if bulk and self.bulk is not None:
             raw = None
+            was_connected = self.host.is_connected(peer_id)
             with trio.move_on_at(deadline):
                 raw = await self.bulk.open(peer_id, service, version, timeout)
             if raw is not None:
                 return FramedStream(raw, peer_id, max_frame_bytes=max_frame_bytes, timeout=timeout)
             if trio.current_time() >= deadline:
+                if was_connected and timeout >= STUCK_OPEN_S:   # its handshake call is stuck (see STUCK_OPEN_S)
+                    await self.host.drop_connection(peer_id, f"a bulk {service} stream's handshake took {timeout:.1f}s")
                 raise P2PTimeout(f"opening a bulk {service} stream to {peer_id[-8:]} took longer than {timeout}s")
         return await self.host.open_stream(peer_id, service, version=version, max_frame_bytes=max_frame_bytes,
                                            timeout=max(deadline - trio.current_time(), 0.0))
