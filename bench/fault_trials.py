@@ -1,7 +1,7 @@
 """Randomized fault trials of averaging: a random fault hits a random member at a random moment of a round.
 
     python bench/fault_trials.py --trials 200 [--peers 5] [--size 4194304] [--kinds kill stop ...]
-                                 [--compression float16] [--error-feedback] [--client] [--clip-tau 10] [--json]
+                                 [--compression fp16] [--error-feedback] [--client] [--clip-tau 10] [--json]
 
 What a trial is and what it checks: testbed/fault_trials.py (SIGKILL, SIGSTOP, SIGSTOP+SIGCONT, a cut
 link, a restart; the moment uniform over the calibrated round duration; on every survivor: the step
@@ -34,7 +34,7 @@ def main() -> int:
     p.add_argument("--peers", type=int, default=5, help="averaging members")
     p.add_argument("--size", type=int, default=4 << 20, help="float32 elements each member averages")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="fault kinds to draw from")
-    p.add_argument("--compression", default="none", help="the averagers' compression (e.g. float16)")
+    p.add_argument("--compression", default="none", help="the averagers' compression (none, fp16, int8, int4)")
     p.add_argument("--error-feedback", action="store_true", help="the averagers keep error feedback")
     p.add_argument("--client", action="store_true", help="the last member runs in client mode")
     p.add_argument("--clip-tau", type=float, default=None, help="Byzantine-robust rounds (CenteredClip radius)")
