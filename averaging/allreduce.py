@@ -338,15 +338,14 @@ class AllReduceRound(RepairPhase):
     # ------------------------------------------------------------------ the round
     async def run(self) -> bool:
         """Phases 1–3 of the module docstring; True if we hold every part afterwards."""
-        my_part_nonempty = self.parts[self.index][0] < self.parts[self.index][1]
         async with trio.open_nursery() as nursery:
-            if my_part_nonempty:
+            if self._nonempty(self.index):
                 self.open_part(self.index, self.peer_ids)
                 # each sender gets chunk_timeout per frame; allow the whole part to arrive at the
                 # slowest declared bandwidth, plus that timeout for stragglers
                 nursery.start_soon(self.finish_part, self.index, self._transfer_budget())
-            for j, (a, b) in enumerate(self.parts):
-                if j != self.index and a < b:
+            for j in range(len(self.parts)):
+                if j != self.index and self._nonempty(j):
                     nursery.start_soon(self.exchange_part, j)
         self.phase1_done.set()
         self.stats.mark("gathered")

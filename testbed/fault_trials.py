@@ -102,8 +102,8 @@ class Member:
 class Swarm:
     """The bootstrap and the members of one series of trials; :meth:`close` (or ``with``) stops everything."""
 
-    def __init__(self, config: TrialConfig, workdir: Path, rng: random.Random):
-        self.config, self.workdir, self.rng = config, Path(workdir), rng
+    def __init__(self, config: TrialConfig, workdir: Path):
+        self.config, self.workdir = config, Path(workdir)
         use_netns = config.netns if config.netns is not None else netns_available() is None
         self.topology = Topology(config.peers + 1).__enter__() if use_netns else None
         self.kinds = tuple(k for k in config.kinds if k != "cut" or self.topology is not None)
@@ -261,7 +261,7 @@ def run_trials(config: TrialConfig, trials: int, workdir: Path, seed: int = 0,
     """Calibrate, then run ``trials`` faulted rounds (module docstring, steps 1-5)."""
     rng = random.Random(seed)
     records: list[TrialRecord] = []
-    with Swarm(config, workdir, rng) as swarm:
+    with Swarm(config, workdir) as swarm:
         calibration, violations = calibrate(swarm, 0)
         if violations:
             records.append(TrialRecord("none", -1, 0.0, "calibration", violations))
@@ -311,8 +311,8 @@ def one_trial(swarm: Swarm, calibration: Calibration, round_no: int, rng: random
     record.next_ok = sum(bool(replies[i].get("ok")) for i in survivors)
     record.next_failed = len(survivors) - record.next_ok
     if record.next_failed:
-        reasons = Counter(replies[i].get("reason") or next(iter(replies[i]), "") for i in survivors
-                          if not replies[i].get("ok"))
+        reasons = Counter(replies[i].get("reason") or replies[i].get("exception") or replies[i].get("lost", "")[:80]
+                          for i in survivors if not replies[i].get("ok"))
         record.liveness.append(f"round {round_no + 1}: the next round failed on {record.next_failed} of "
                                  f"{len(survivors)} survivors: {dict(reasons)}")
     # heal: a dead or frozen member is replaced, a cut link restored
