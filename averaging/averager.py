@@ -58,7 +58,9 @@ class StepResult:
     #: seconds spent finding the group, and in the all-reduce proper (data transfer, reduce, repair)
     matchmaking_s: float = 0.0
     allreduce_s: float = 0.0
-    #: the members whose contributions the mean holds (every part the same ones); empty if not ok
+    #: the members whose contributions the mean holds (every part the same ones); empty if not ok. It may be
+    #: fewer than ``group_size``: a member whose slice reached some owner too late is left out of every part
+    #: (it still receives the mean of the others). See :mod:`averaging.membership`.
     contributors: list[str] = field(default_factory=list)
     #: seconds from the step's start to each phase's end: "group", "sent", "reduced", "gathered", "repaired"
     timeline: dict[str, float] = field(default_factory=dict)

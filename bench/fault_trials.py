@@ -38,6 +38,8 @@ def main() -> int:
     p.add_argument("--error-feedback", action="store_true", help="the averagers keep error feedback")
     p.add_argument("--client", action="store_true", help="the last member runs in client mode")
     p.add_argument("--clip-tau", type=float, default=None, help="Byzantine-robust rounds (CenteredClip radius)")
+    p.add_argument("--window", nargs=2, type=float, default=(0.0, 1.0), metavar=("FROM", "TO"),
+                   help="draw the fault's moment from this span of the calibrated round (fractions of it)")
     p.add_argument("--no-netns", action="store_true", help="all on loopback (no link cuts)")
     p.add_argument("--seed", type=int, default=0, help="seeds the draw of faults, members and moments")
     p.add_argument("--workdir", default=None, help="where worker logs go (default: a temporary folder)")
@@ -45,6 +47,7 @@ def main() -> int:
     args = p.parse_args()
     config = TrialConfig(peers=args.peers, size=args.size, kinds=tuple(args.kinds), compression=args.compression,
                          error_feedback=args.error_feedback, client=args.client, clip_tau=args.clip_tau,
+                         window=tuple(args.window),
                          netns=False if args.no_netns else None)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fault-trials-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,6 +76,8 @@ class DHT:
         self._owned: dict[tuple[DHTID, bytes | None], Record] = {}
         self.protocol: DHTProtocol | None = None
         self.tasks = None   # our background tasks (maintenance, replica stores), in a nursery of their own
+        self._rejoin_lock = trio.Lock()
+        self._rejoined_at = -math.inf
         if start:
             self.start()
 
@@ -125,6 +128,32 @@ class DHT:
                     len(self.routing))
         return len(self.routing)
 
+    async def rejoin_if_alone(self) -> bool:
+        """Join again through the initial peers if the routing table has emptied; True if it did.
+
+        Kademlia forgets a peer that fails a request. A node that was asleep (a laptop lid, SIGSTOP) or cut off
+        finds on waking that all its requests failed, forgets everybody, and the others have forgotten it:
+        it would stay alone, its lookups answered by nobody. So before a lookup, a node that knows no peer
+        joins again (:meth:`bootstrap`), at most once per ``rpc_timeout`` (what one failed attempt costs),
+        and first forgives every suspect (:meth:`~dht.protocol.DHTProtocol.forgive_all`): when all peers failed
+        at once, the fault was ours.
+        """
+        if len(self.routing) or not self.initial_peers:
+            return False
+        async with self._rejoin_lock:  # concurrent lookups wait for one join instead of each starting one
+            if len(self.routing) or trio.current_time() - self._rejoined_at < self.config.rpc_timeout:
+                return False
+            self._rejoined_at = trio.current_time()
+            logger.info("DHT %s knows no peer any more: joining again through its %d initial peers",
+                        self.peer_id[-8:], len(self.initial_peers))
+            self.protocol.forgive_all()
+            try:
+                await self.bootstrap()
+            except DHTBootstrapError as e:
+                logger.info("DHT %s could not join again: %s", self.peer_id[-8:], e)
+                return False
+            return True
+
     def shutdown(self) -> None:
         """Stop maintenance (our tasks are cancelled) and, if this DHT created its node, stop the node."""
         if self.tasks is not None:
@@ -156,6 +185,7 @@ class DHT:
 
     async def astore_many(self, records: Sequence[Record], *, republish: bool = True) -> list[bool]:
         """Store records on the nodes nearest to their keys; True where at least one node accepted it."""
+        await self.rejoin_if_alone()
         now = get_dht_time()
         accepted = [False] * len(records)
         by_key: dict[DHTID, list[int]] = {}
@@ -245,6 +275,7 @@ class DHT:
         return await self._aget(key, latest)
 
     async def _aget(self, key: Any, latest: bool) -> ValueWithExpiration | None:
+        await self.rejoin_if_alone()
         key_id = DHTID.from_key_bytes(serialize(key))
         merged = RecordStore()
         local = self.storage.get(key_id)
@@ -307,6 +338,7 @@ class DHT:
         while True:
             await trio.sleep(period)
             try:
+                await self.rejoin_if_alone()
                 self.storage.purge_expired()
                 for random_id in self.routing.stale_bucket_ids(self.config.refresh_interval):
                     await lookup(self.protocol, random_id, want_values=False)

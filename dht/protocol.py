@@ -182,6 +182,11 @@ class DHTProtocol:
         self.node.stream_pool.drop_peer(peer.peer_id)
         self._addrs_given.pop(peer.peer_id, None)
 
+    def forgive_all(self) -> None:
+        """Ask every peer again, the suspects too: when all of them failed us at once, the fault was ours
+        (we slept, or our link was down), not theirs."""
+        self._failed_at.clear()
+
     # ------------------------------------------------------------------ client side
     def sender_info(self) -> dict:
         """What every request says about us: our addresses (listen addresses do not change once the node

@@ -88,6 +88,7 @@ class TrialRecord:
     failed: int = 0      # ... and failed (correctly unchanged)
     next_ok: int = 0     # survivors whose next round succeeded
     next_failed: int = 0
+    started: str = field(default_factory=lambda: time.strftime("%H:%M:%S"))  # wall clock, to find it in the logs
 
 
 class Member:
@@ -313,8 +314,9 @@ def one_trial(swarm: Swarm, calibration: Calibration, round_no: int, rng: random
     if record.next_failed:
         reasons = Counter(replies[i].get("reason") or replies[i].get("exception") or replies[i].get("lost", "")[:80]
                           for i in survivors if not replies[i].get("ok"))
+        failed = [i for i in survivors if not replies[i].get("ok")]
         record.liveness.append(f"round {round_no + 1}: the next round failed on {record.next_failed} of "
-                                 f"{len(survivors)} survivors: {dict(reasons)}")
+                                 f"{len(survivors)} survivors (members {failed}): {dict(reasons)}")
     # heal: a dead or frozen member is replaced, a cut link restored
     if kind in ("kill", "stop"):
         member.worker.kill()

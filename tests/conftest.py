@@ -127,3 +127,14 @@ def module_python_process(tmp_path_factory):
     launcher = _Launcher(tmp_path_factory.mktemp("children"))
     yield launcher
     launcher.close()
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny matmuls are faster (and steadier on a busy 2-core box) with one intra-op thread."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

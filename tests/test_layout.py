@@ -15,7 +15,8 @@ LAYERS = ["p2p", "dht", "averaging", "peer"]          # each may import only its
 #: inside peer/: a module may import from lower ranks, and from its own subpackage; never across a rank
 #: (``python -m peer`` and ``python -m peer.swarm`` are entry points on top of app)
 PEER_RANKS = {"peer.config": 0, "peer.checkpoint": 0, "peer.moe": 1, "peer.hosting": 2, "peer.training": 2,
-              "peer.swarm_state": 2, "peer.app": 3, "peer.swarm": 4, "peer.__main__": 4, "peer": 4}
+              "peer.swarm_state": 2, "peer.inference": 3, "peer.app": 4, "peer.swarm": 5, "peer.__main__": 5,
+              "peer": 5}
 MAX_LINES = 400
 
 
@@ -119,14 +120,15 @@ def test_peer_subpackages_follow_their_layers():
                 rank_b, group_b = peer_rank(b)
                 if group_a != group_b and rank_b >= rank_a:
                     wrong.append(f"{a} -> {b}")
-    assert not wrong, ("config/checkpoint <- moe <- {hosting, training, swarm_state} <- app, and hosting and training "
+    assert not wrong, ("config/checkpoint <- moe <- {hosting, training, swarm_state} <- inference <- app, and hosting "
+                       "and training "
                        f"never import each other: {wrong}")
 
 
 def test_the_checker_sees_a_cycle_and_an_upward_import():
     """The checks above can fail: a made-up graph with a cycle and an upward edge is caught."""
     assert strongly_connected({"a.x": {"a.y"}, "a.y": {"a.x"}, "a.z": set()}) == [["a.x", "a.y"]]
-    assert peer_rank("peer.hosting.server") == (2, "peer.hosting") and peer_rank("peer.app.cli")[0] == 3
+    assert peer_rank("peer.hosting.server") == (2, "peer.hosting") and peer_rank("peer.app.cli")[0] == 4
     assert "peer.moe.gating" in GRAPH["peer.moe.remote"]                # relative and absolute imports resolve
     assert "averaging.group" in GRAPH["averaging.allreduce"]
 

@@ -170,5 +170,6 @@ def test_notebook_shows_a_live_swarm(python_process, tmp_path, monkeypatch):
     assert plot.stat().st_size > 1000
     stdout = "".join(out.get("text", "") for out in outputs if out.get("name") == "stdout")
     assert "left the swarm" in stdout
+    assert "Generated: The " in stdout, stdout[-2000:]          # it talked to the model the swarm trains
     for child in (boot, experts, trainer):
         assert child.proc.poll() is None, f"a swarm process died while the notebook ran:\n{child.log()[-3000:]}"

@@ -12,13 +12,7 @@ from peer.moe.local import LocalMixtureOfExperts
 from peer.training.model import MoETransformer
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls are faster (and steadier on a busy 2-core box) with one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_config_presets_and_validation():

@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m peer",
         description="Run a swarmtrain peer: join (or start) a swarm of volunteers training together.",
-        epilog="Start a swarm with no flags; it prints the command others run to join it.")
+        epilog="Start a swarm with no flags; it prints the command others run to join it. "
+               "`python -m peer generate --help` writes text with the swarm's model; "
+               "`python -m peer export --help` saves it to one file.")
     net = p.add_argument_group("network")
     net.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
                      help="full multiaddrs of peers already in the swarm, e.g. "

@@ -17,6 +17,7 @@ import threading
 import time
 
 LOSS_LINE = re.compile(r"step (\d+): (?:train loss [\d.]+, )?eval loss ([\d.]+)")
+SAMPLE_LINE = re.compile(r"sample at step (\d+): (.*)$")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,8 +113,11 @@ def _echo_losses(proc: subprocess.Popen) -> None:
         if "Hosting " in line:
             proc.ready.set()  # type: ignore[attr-defined]
         m = LOSS_LINE.search(line)
+        sample = SAMPLE_LINE.search(line)
         if m:
             print(f"  {proc.name}: step {m.group(1):>4}  eval loss {float(m.group(2)):.3f}", flush=True)
+        elif sample:
+            print(f"  {proc.name}: step {sample.group(1):>4}  writes {sample.group(2)}", flush=True)
         elif "ERROR" in line or "Traceback" in line or "Error" in line:
             print(f"  {proc.name}: {line.rstrip()}", flush=True)
 

@@ -3,10 +3,12 @@
 :class:`ExpertBatcher` serves one :class:`~peer.moe.experts.ExpertBackend` inside a trio loop:
 
 1. ``await batcher.submit("forward", x)`` (or ``"backward", x, grad``) queues a request and waits for its result;
-2. :meth:`ExpertBatcher.run` takes the first queued request, then every other queued request of the same
-   kind and trailing shapes, waiting at most ``batch_window`` seconds for more, up to ``max_batch_size``
-   rows. A request that does not fit starts the next batch. Requests arriving while a batch computes
-   are therefore batched together even with a zero window;
+2. :meth:`ExpertBatcher.run` takes the oldest queued forward request (forwards go ahead of backwards, so an
+   inference client never waits behind a training backward pass; a backward waiting longer than
+   ``MAX_BACKWARD_WAIT_S`` goes first, so training is never starved), then every other queued request of the
+   same kind and trailing shapes, waiting at most ``batch_window`` seconds for more, up to ``max_batch_size``
+   rows. Others stay queued for the next batch. Requests arriving while a batch computes are therefore
+   batched together even with a zero window: generate clients' rows with each other and with trainers';
 3. the batch is concatenated and run by the backend in a worker thread (``trio.to_thread``, at most as
    many at once as the shared ``limiter`` allows) so the loop keeps serving, then split back per request;
 4. if a batch of several requests fails with a ``ValueError`` (validation, NaN gradients — raised before
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +29,8 @@ import trio
 from peer.hosting.backend import ExpertBackend
 
 logger = logging.getLogger(__name__)
+
+MAX_BACKWARD_WAIT_S = 1.0  # a backward request queued this long goes ahead of newer forward requests
 
 
 class BatcherStopped(RuntimeError):
@@ -37,6 +42,7 @@ class _Request:
     kind: str  # "forward" or "backward"
     x: torch.Tensor
     grad: torch.Tensor | None = None
+    queued_at: float = field(default_factory=time.monotonic)
     done: trio.Event = field(default_factory=trio.Event)
     result: torch.Tensor | None = None
     error: BaseException | None = None
@@ -72,7 +78,8 @@ class ExpertBatcher:
                  limiter: trio.CapacityLimiter, stats: dict):
         self.backend, self.max_batch_size, self.batch_window = backend, max_batch_size, batch_window
         self.limiter, self.stats = limiter, stats
-        self._send, self._receive = trio.open_memory_channel(1 << 16)
+        self._queues: dict[str, deque[_Request]] = {"forward": deque(), "backward": deque()}
+        self._arrived = trio.Event()
         self._waiting: set[_Request] = set()
         self._stopped = False
 
@@ -80,10 +87,13 @@ class ExpertBatcher:
         """Queue one request and return its result (raises what the backend raised for it)."""
         if self._stopped:
             raise BatcherStopped("the expert server is shutting down")
+        if kind not in self._queues:
+            raise ValueError(f"unknown request kind {kind!r}")
         request = _Request(kind, x, grad)
         self._waiting.add(request)
         try:
-            self._send.send_nowait(request)
+            self._queues[kind].append(request)
+            self._arrived.set()
             await request.done.wait()
         finally:
             self._waiting.discard(request)
@@ -98,32 +108,49 @@ class ExpertBatcher:
         for request in list(self._waiting):
             request.finish(error=BatcherStopped("the expert server is shutting down"))
 
-    async def run(self) -> None:
-        """Form and run batches forever (cancel the task to stop)."""
-        carry: _Request | None = None
-        while True:
-            first = carry if carry is not None else await self._receive.receive()
-            carry = None
-            if first.abandoned or first.done.is_set():
+    def _next_queue(self) -> deque[_Request] | None:
+        """Forwards first, unless the oldest backward has waited ``MAX_BACKWARD_WAIT_S``; dropped requests skipped."""
+        for queue in self._queues.values():
+            while queue and (queue[0].abandoned or queue[0].done.is_set()):
+                queue.popleft()
+        forward, backward = self._queues["forward"], self._queues["backward"]
+        if backward and (not forward or time.monotonic() - backward[0].queued_at > MAX_BACKWARD_WAIT_S):
+            return backward
+        return forward or None
+
+    def _take_compatible(self, queue: deque[_Request], batch: list[_Request], rows: int) -> int:
+        """Move the queued requests that fit ``batch`` into it (in order); returns its rows."""
+        kept = deque()
+        while queue:
+            request = queue.popleft()
+            if request.abandoned or request.done.is_set():
                 continue
-            batch, rows = [first], first.rows
-            deadline = trio.current_time() + self.batch_window
-            while rows < self.max_batch_size:
-                try:
-                    request = self._receive.receive_nowait()
-                except trio.WouldBlock:
-                    request = None
-                    with trio.move_on_at(deadline):
-                        request = await self._receive.receive()
-                    if request is None:
-                        break
-                if request.abandoned or request.done.is_set():
-                    continue
-                if not first.compatible(request) or rows + request.rows > self.max_batch_size:
-                    carry = request
-                    break
+            if rows < self.max_batch_size and batch[0].compatible(request) and \
+                    rows + request.rows <= self.max_batch_size:
                 batch.append(request)
                 rows += request.rows
+            else:
+                kept.append(request)
+        queue.extend(kept)
+        return rows
+
+    async def run(self) -> None:
+        """Form and run batches forever (cancel the task to stop)."""
+        while True:
+            queue = self._next_queue()
+            if queue is None:
+                await self._arrived.wait()
+                self._arrived = trio.Event()
+                continue
+            first = queue.popleft()
+            batch, rows = [first], first.rows
+            rows = self._take_compatible(queue, batch, rows)
+            deadline = trio.current_time() + self.batch_window
+            while rows < self.max_batch_size and trio.current_time() < deadline:
+                with trio.move_on_at(deadline):
+                    await self._arrived.wait()
+                self._arrived = trio.Event()
+                rows = self._take_compatible(queue, batch, rows)
             await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[_Request]) -> None:

@@ -1,7 +1,8 @@
 """``ExpertServer``: host experts for the swarm — batched forward/backward RPCs, DHT declarations, checkpoints.
 
 A server runs on the node of an existing :class:`dht.DHT` and serves the ``experts`` service
-(:mod:`peer.moe.wire`: ``forward``, ``backward``, ``info``). How a call is answered:
+(:mod:`peer.moe.wire`: ``forward``, ``backward``, ``info``, and ``weights``: an expert's current weights, for
+``python -m peer export``). How a call is answered:
 
 1. the handler decodes and validates the tensors (shape, dtype, batch size, finiteness) right away, so a
    bad request is answered with a clear :class:`~p2p.RemoteError` (``InvalidInputError`` etc.) and never
@@ -160,7 +161,8 @@ class ExpertServer:
         self.load_checkpoints()
         self.node.run(self._astart)
         self._running = True
-        self.node.serve(SERVICE, {"forward": self._forward, "backward": self._backward, "info": self._info},
+        self.node.serve(SERVICE, {"forward": self._forward, "backward": self._backward, "info": self._info,
+                                  "weights": self._weights},
                         limits=self.limits)
         accepted = self.node.run(self._declare)
         logger.info("ExpertServer %s serving %d experts (%s); declared %d/%d DHT keys", self.node.peer_id[-8:],
@@ -286,6 +288,13 @@ class ExpertServer:
             return {"uids": self.uids, "peer_id": self.node.peer_id, "stats": dict(self.stats)}
         uid, backend, _ = self._parse(args)
         return backend.info()
+
+    async def _weights(self, ctx, args: Any) -> dict:
+        """One expert's current weights (``{"state": {name: tensor}, "update_count"}``), for ``peer export``."""
+        uid, backend, _ = self._parse(args)
+        saved = await trio.to_thread.run_sync(backend.state_dict)  # under its lock: not halfway through a step
+        return {"state": {name: tensor_to_wire(t.float()) for name, t in saved["module"].items()},
+                "update_count": saved["update_count"]}
 
     async def _submit(self, uid: str, kind: str, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
         if not self._running or self._stopped:

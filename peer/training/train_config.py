@@ -38,6 +38,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
     eval_every: int = 50
+    #: every this many steps, log a greedy continuation of "The " (so a user sees the model learn); 0: never
+    sample_every: int = 200
     eval_batches: int = 8
     k_min: int = 1
     state_timeout: float = 60.0

@@ -29,6 +29,7 @@ import torch
 from averaging import Averager, AveragerConfig
 from averaging.state import StateDownloadError, StateSharer, download_state
 from dht import DHT, get_dht_time, subkey_entries
+from p2p import P2PError
 
 from peer.checkpoint import load_checkpoint, save_checkpoint
 from peer.config import ModelConfig, progress_key, training_prefix
@@ -186,6 +187,19 @@ class Trainer:
                 time.sleep(1.0)
         return None
 
+    def sample(self, prompt: str = "The ", length: int = 48) -> str | None:
+        """A greedy continuation of ``prompt`` by the model as it is now (None, logged, if too few experts answer)."""
+        self.model.eval()
+        try:
+            idx = torch.tensor([list(prompt.encode())], dtype=torch.long)
+            tokens = list(self.model.generate_stream(idx, length, temperature=0))
+        except (NotEnoughExpertsError, P2PError) as e:
+            logger.info("No sample this time, too few experts answered: %s", str(e)[:200])
+            return None
+        finally:
+            self.model.train()
+        return prompt + bytes(int(t[0]) for t in tokens).decode("utf-8", errors="replace")
+
     def swarm_samples(self) -> int:
         """Swarm-wide samples now: the count last read from the DHT, plus our samples since then times the
         trainers seen then (they train at about our pace), so the LR schedule does not lag between reads."""
@@ -260,6 +274,8 @@ class Trainer:
                                 "averaging %d ok / %d failed", self.step, loss,
                                 "skipped" if eval_loss is None else f"{eval_loss:.3f}",
                                 self.samples, self.global_samples, self.rounds_ok, self.rounds_failed)
+                if c.sample_every and self.step % c.sample_every == 0 and (text := self.sample()) is not None:
+                    logger.info("sample at step %d: %r", self.step, text)
                 if c.checkpoint_dir and self.step % c.checkpoint_every == 0:
                     self.save()
                 if on_step is not None:
