@@ -21,7 +21,6 @@ The last line is one JSON object with those keys.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -64,17 +63,16 @@ def position_cost(model: MoETransformer, position: int, reps: int = 200) -> floa
 
 
 def run_clients(bootstrap: str, n: int, tokens: int, workdir: Path) -> list[dict]:
+    """``n`` client processes (``testbed/generate_client.py``) that start generating at the same moment."""
     clients = [Worker([sys.executable, "-m", "testbed.generate_client", "--bootstrap", bootstrap,
-                       "--tokens", str(tokens)], workdir / f"client{len(list(workdir.glob('client*')))}-{i}.log",
-                      env={"OMP_NUM_THREADS": "1"}) for i in range(n)]
+                       "--tokens", str(tokens)], workdir / f"clients{n}-{i}.log", env={"OMP_NUM_THREADS": "1"})
+               for i in range(n)]
     try:
         for c in clients:
             c.wait_ready(120)
         start_at = time.time() + 0.5
-        for c in clients:
-            c.proc.stdin.write((json.dumps({"start_at": start_at}) + "\n").encode())
-            c.proc.stdin.flush()
-        return [c._next(300, "result") for c in clients]
+        ids = [c.send("go", start_at=start_at) for c in clients]
+        return [c.receive(rid, 300) for c, rid in zip(clients, ids)]
     finally:
         for c in clients:
             c.kill()

@@ -1,9 +1,10 @@
 """One generate client of ``bench/generate.py``: joins the swarm in client mode, generates, reports its speed.
 
-    python -m testbed.generate_client --bootstrap MADDR --tokens 64 --start-at UNIX_TIME
+    python -m testbed.generate_client --bootstrap MADDR --tokens 64
 
-Prints one JSON line ``{"ready": true}`` once it has the model, waits until ``--start-at`` (so that clients
-start together), generates ``--tokens`` bytes greedily, and prints ``{"tokens", "seconds", "text"}``.
+Prints one JSON line ``{"ready": true}`` once it has the model (a :class:`testbed.common.Worker`), then answers
+one request ``{"id", "cmd": "go", "start_at": unix time}``: waits until then (so that clients start together),
+generates ``--tokens`` bytes greedily and replies ``{"id", "tokens", "seconds", "text"}``.
 """
 from __future__ import annotations
 
@@ -33,11 +34,12 @@ def main() -> int:
     lm = LanguageModel.from_swarm(dht, timeout=30)
     lm.generate(args.prompt, 4, temperature=0)  # warm up connections and the expert directory
     print(json.dumps({"ready": True}), flush=True)
-    start_at = json.loads(sys.stdin.readline())["start_at"]
-    time.sleep(max(0.0, start_at - time.time()))
+    request = json.loads(sys.stdin.readline())
+    time.sleep(max(0.0, request["start_at"] - time.time()))
     t0 = time.perf_counter()
     text = lm.generate(args.prompt, args.tokens, temperature=0)
-    print(json.dumps({"tokens": args.tokens, "seconds": time.perf_counter() - t0, "text": text}), flush=True)
+    print(json.dumps({"id": request["id"], "tokens": args.tokens, "seconds": time.perf_counter() - t0,
+                      "text": text}), flush=True)
     dht.shutdown()
     return 0
 

@@ -61,10 +61,13 @@ def test_past_the_context_the_model_restarts_on_the_last_half():
     starts = [model.context_start(n) for n in range(1, 5 * block)]
     assert all(keep <= n - s <= block for n, s in zip(range(1, 5 * block), starts) if n > block)
     # a generation past the context runs the model on no more than block_size positions at once
-    seen = []
-    original = model.forward
-    model.forward = lambda idx, targets=None, cache=None: (seen.append((cache.length if cache else 0) + idx.shape[1]),
-                                                          original(idx, targets, cache))[1]
+    seen = []  # positions the model covers on each call: cached ones plus the new ones
+
+    def covered(module, args, kwargs):
+        cache = kwargs.get("cache")
+        seen.append((cache.length if cache is not None else 0) + args[0].shape[1])
+
+    model.register_forward_pre_hook(covered, with_kwargs=True)
     model.generate(torch.zeros(1, 1, dtype=torch.long), 3 * block, temperature=1.0)
     assert max(seen) == block and len(seen) == 3 * block
 

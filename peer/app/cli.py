@@ -138,17 +138,21 @@ def check_args(args: argparse.Namespace) -> None:
     except (ValueError, AssertionError):
         raise ValueError(f"--shard {args.shard!r}: use I/N with 0 <= I < N") from None
     args.shard, args.num_shards = shard, num_shards
-    args.psk = None
-    if args.swarm_key:
-        try:
-            with open(args.swarm_key) as f:
-                args.psk = f.read().strip()
-        except OSError as e:
-            raise ValueError(f"--swarm-key {args.swarm_key}: {e.strerror}") from None
-        if len(args.psk) != 64 or any(c not in "0123456789abcdefABCDEF" for c in args.psk):
-            raise ValueError(f"--swarm-key {args.swarm_key}: the file must hold 64 hex characters")
+    args.psk = read_swarm_key(args.swarm_key) if args.swarm_key else None
     if args.allow_peers is not None:
         args.allow_peers = read_peer_ids(args.allow_peers)
+
+
+def read_swarm_key(path: str) -> str:
+    """The pre-shared key in ``path`` (64 hex characters); ValueError with a user-facing message otherwise."""
+    try:
+        with open(path) as f:
+            psk = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"--swarm-key {path}: {e.strerror}") from None
+    if len(psk) != 64 or any(c not in "0123456789abcdefABCDEF" for c in psk):
+        raise ValueError(f"--swarm-key {path}: the file must hold 64 hex characters")
+    return psk
 
 
 def read_peer_ids(items: Sequence[str]) -> list[str]:

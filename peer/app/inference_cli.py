@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from p2p import NodeConfig, P2PError, setup_logging
 
-from .cli import EXIT_NETWORK, EXIT_USAGE
+from .cli import EXIT_NETWORK, EXIT_USAGE, read_swarm_key
 
 logger = logging.getLogger("peer")
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _swarm_flags(gen, required=False)
     gen.add_argument("--checkpoint", default=None, metavar="FILE",
                      help="run offline from a file made by `python -m peer export` instead of the swarm")
-    gen.add_argument("--device", default="auto", help="cpu, cuda or mps for --checkpoint (default: the best one)")
+    gen.add_argument("--device", default=None, help="cpu, cuda or mps for --checkpoint (default: the best one)")
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="bytes to generate")
     gen.add_argument("--temperature", type=float, default=0.8, metavar="T",
@@ -78,10 +78,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _join(args: argparse.Namespace):
     from dht import DHT
-    psk = None
-    if args.swarm_key:
-        with open(args.swarm_key) as f:
-            psk = f.read().strip()
+    psk = read_swarm_key(args.swarm_key) if args.swarm_key else None
     return DHT(initial_peers=args.initial_peers,
                node_config=NodeConfig(swarm=args.swarm, client_mode=True, psk=psk))
 

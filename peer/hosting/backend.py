@@ -173,6 +173,11 @@ class ExpertBackend:
                 "update_count": self.update_count,
             }
 
+    def weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The module's weights on the CPU and the update count, taken between two optimizer steps."""
+        with self._lock:
+            return _to_cpu(self.module.state_dict()), self.update_count
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint made by :meth:`state_dict` (module weights, optimizer state, update count)."""
         missing = {"module", "optimizer", "update_count"} - set(state)

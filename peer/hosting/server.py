@@ -292,9 +292,8 @@ class ExpertServer:
     async def _weights(self, ctx, args: Any) -> dict:
         """One expert's current weights (``{"state": {name: tensor}, "update_count"}``), for ``peer export``."""
         uid, backend, _ = self._parse(args)
-        saved = await trio.to_thread.run_sync(backend.state_dict)  # under its lock: not halfway through a step
-        return {"state": {name: tensor_to_wire(t.float()) for name, t in saved["module"].items()},
-                "update_count": saved["update_count"]}
+        state, update_count = await trio.to_thread.run_sync(backend.weights)  # its lock may wait for a step
+        return {"state": {name: tensor_to_wire(t.float()) for name, t in state.items()}, "update_count": update_count}
 
     async def _submit(self, uid: str, kind: str, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
         if not self._running or self._stopped:

@@ -21,21 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from dht import DHT
+from peer.moe.experts import pick_device
 from peer.training.model import MoETransformer
 
 from .model_file import load_model
 from .swarm import swarm_model
-
-
-def pick_device(device: str | None) -> torch.device:
-    """``"auto"``/None: CUDA if present, else Apple's MPS, else the CPU; otherwise the named device."""
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 class LanguageModel:
@@ -50,10 +40,10 @@ class LanguageModel:
         self.config = model.config
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, device: str | None = "auto") -> "LanguageModel":
+    def from_file(cls, path: str | os.PathLike, device: str | None = None) -> "LanguageModel":
         """Load a file written by ``python -m peer export`` (:class:`~peer.inference.model_file.ModelFileError`
-        if it is not one, or does not fit its config)."""
-        model, meta = load_model(path, pick_device(device))
+        if it is not one, or does not fit its config) onto ``device`` (None or "auto": CUDA, MPS or the CPU)."""
+        model, meta = load_model(path, pick_device(None if device == "auto" else device))
         return cls(model, meta)
 
     @classmethod

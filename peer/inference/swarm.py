@@ -7,8 +7,8 @@ and the experts where their hosts serve them (for generation) or fetched from th
    to run the model).
 2. **Remote experts.** :func:`swarm_model` builds the model with
    :class:`~peer.moe.remote.RemoteMixtureOfExperts` layers that never raise for a missing expert: a row whose
-   experts failed is re-routed to the next-best alive ones (the layer's beam search, failed experts
-   blacklisted), and gets a zero expert output only if none answers.
+   experts failed is re-routed to the next-best alive ones (as the layer does outside autograd), and gets a
+   zero expert output only if none answers.
 3. **Export.** :func:`fetch_experts` asks one host of every grid cell for its expert's weights (the
    ``weights`` RPC of :class:`~peer.hosting.server.ExpertServer`), trying the next host when one fails, and
    names every cell nobody serves.
@@ -42,7 +42,7 @@ def remote_moe_factory(dht: DHT, *, forward_timeout: float = 10.0):
     """``make_moe`` for a model whose experts are called on their hosts, rows re-routed around failures."""
     def make(layer: int, cfg: ModelConfig) -> RemoteMixtureOfExperts:
         return RemoteMixtureOfExperts(cfg.n_embd, cfg.grid_size, dht, cfg.uid_prefix(layer), k_best=cfg.k,
-                                      k_min=0, beam_size=cfg.beam_size, on_failure="mask", reroute=True,
+                                      k_min=0, beam_size=cfg.beam_size, on_failure="mask",
                                       forward_timeout=forward_timeout)
     return make
 

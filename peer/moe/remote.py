@@ -14,9 +14,11 @@ calls their ``backward`` RPC with the gradient of the output, which returns the 
 3. an expert that fails (timeout, dead peer, remote error, non-finite or wrongly shaped output) is skipped
    and blacklisted for ``blacklist_seconds``; outputs are mixed with softmax weights renormalised over the
    experts that answered (:func:`peer.moe.gating.combine_expert_outputs`, never NaN);
-4. a sample with fewer than ``k_min`` answers raises :class:`NotEnoughExpertsError` (``on_failure="raise"``)
+4. outside autograd (generation, evaluation) the rows that lost an expert are routed once more, to the
+   next-best alive experts (the failed ones are blacklisted by then), with a log line;
+5. a sample with fewer than ``k_min`` answers raises :class:`NotEnoughExpertsError` (``on_failure="raise"``)
    or gets a zero output and ``False`` in ``layer.mask`` (``on_failure="mask"``);
-5. ``layer.aux_loss`` is set to the load-balancing loss, so the layer plugs into
+6. ``layer.aux_loss`` is set to the load-balancing loss, so the layer plugs into
    :class:`peer.training.model.MoETransformer` as its ``make_moe``.
 
 In the backward pass each expert that answered gets one ``backward`` call (skipped when its output
@@ -184,8 +186,6 @@ class RemoteMixtureOfExperts(nn.Module):
     :param blacklist_seconds: how long an (expert, server) pair that failed is not chosen again.
     :param on_failure: ``"raise"`` or ``"mask"`` when a sample gets fewer than ``k_min`` answers.
     :param beam_size: beam search width (None = ``k_best``); :param lookup_ttl: DHT cache lifetime.
-    :param reroute: outside autograd (inference), rows whose experts failed are routed once more, to the
-        next-best alive experts (the failed ones are blacklisted by then), instead of losing those experts.
 
     After each forward: ``aux_loss`` (load-balancing loss), ``mask`` (bool [batch], False where a sample got
     fewer than ``k_min`` answers), ``last_failures`` (``"uid@peer: reason"`` strings).
@@ -194,7 +194,7 @@ class RemoteMixtureOfExperts(nn.Module):
     def __init__(self, in_features: int, grid_size: Sequence[int], dht: DHT, uid_prefix: str, k_best: int,
                  k_min: int = 1, *, forward_timeout: float = 10.0, backward_timeout: float = 20.0,
                  blacklist_seconds: float = 5.0, on_failure: str = "raise", beam_size: int | None = None,
-                 lookup_ttl: float = 1.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, reroute: bool = False):
+                 lookup_ttl: float = 1.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         super().__init__()
         if on_failure not in ("raise", "mask"):
             raise ValueError(f"on_failure must be 'raise' or 'mask', got {on_failure!r}")
@@ -204,7 +204,6 @@ class RemoteMixtureOfExperts(nn.Module):
         self.prefix = uid_prefix[:-1] if uid_prefix.endswith(".") else uid_prefix
         make_uid(self.prefix, [0] * len(self.grid_size))  # validates the prefix
         self.k_best, self.k_min, self.beam_size, self.on_failure = k_best, k_min, beam_size, on_failure
-        self.reroute = reroute
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
         self.blacklist_seconds, self.max_message_bytes = blacklist_seconds, max_message_bytes
         self.dht, self.node = dht, dht.node
@@ -221,22 +220,24 @@ class RemoteMixtureOfExperts(nn.Module):
         """Route each row of ``x`` to its top-k alive remote experts and return their weighted combination."""
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects [batch, {self.in_features}], got {list(x.shape)}")
-        out, lost = self._forward_once(x)
-        if not (self.reroute and not torch.is_grad_enabled() and bool(lost.any())):
-            return out
-        failures, mask, aux_loss = self.last_failures, self.mask, self.aux_loss
-        rows = torch.nonzero(lost, as_tuple=True)[0]
-        logger.info("Re-routing %d of %d rows around failed experts (%s)", len(rows), len(x), "; ".join(failures[:3]))
-        retried, _ = self._forward_once(x[rows])
-        mask = mask.clone()
-        mask[rows] = self.mask
-        out = out.clone()
-        out[rows] = retried
-        self.last_failures, self.mask, self.aux_loss = failures + self.last_failures, mask, aux_loss
+        retry = not torch.is_grad_enabled()  # outside autograd: a second pass needs no backward of its own
+        out, lost = self._forward_once(x, check=not retry)
+        if retry and bool(lost.any()):
+            failures, mask, aux_loss = self.last_failures, self.mask, self.aux_loss
+            rows = torch.nonzero(lost, as_tuple=True)[0]
+            logger.info("Re-routing %d of %d rows around failed experts (%s)", len(rows), len(x),
+                        "; ".join(failures[:3]))
+            retried, _ = self._forward_once(x[rows], check=False)
+            out, mask = out.clone(), mask.clone()
+            out[rows], mask[rows] = retried, self.mask
+            self.last_failures, self.mask, self.aux_loss = failures + self.last_failures, mask, aux_loss
+        if retry and self.on_failure == "raise" and not bool(self.mask.all()):
+            raise NotEnoughExpertsError(self._shortfall_message(~self.mask, None))
         return out
 
-    def _forward_once(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's output, and which rows lost a chosen expert (it failed) [batch] bool."""
+    def _forward_once(self, x: torch.Tensor, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's output, and which rows lost a chosen expert (it failed) [batch] bool; with ``check``,
+        rows with fewer than ``k_min`` answers raise (``on_failure="raise"``), else they get ``mask`` False."""
         scores = self.gate(x)
         coords, found = beam_search_coords(scores, self.k_best, self._is_alive, self.prefix, self.beam_size)
         jobs = self._make_jobs(x, coords, found)
@@ -247,7 +248,7 @@ class RemoteMixtureOfExperts(nn.Module):
         mask = found & answered
         short = mask.sum(dim=1) < self.k_min
         if bool(short.any()):
-            if self.on_failure == "raise":
+            if check and self.on_failure == "raise":
                 raise NotEnoughExpertsError(self._shortfall_message(short, found))
             mask = mask & ~short[:, None]
         self.mask = ~short
@@ -255,12 +256,13 @@ class RemoteMixtureOfExperts(nn.Module):
         lost = (found & ~answered).any(dim=1)
         return combine_expert_outputs(outputs, expert_logits(scores, coords.to(x.device), found), mask), lost
 
-    def _shortfall_message(self, short: torch.Tensor, found: torch.Tensor) -> str:
-        unfound = int((short & (found.sum(dim=1) < self.k_min)).sum())
+    def _shortfall_message(self, short: torch.Tensor, found: torch.Tensor | None) -> str:
         failed = "; ".join(self.last_failures[:8]) or "none"
-        return (f"{int(short.sum())} of {short.numel()} samples got fewer than k_min={self.k_min} expert answers "
-                f"({unfound} of them because beam search found fewer than k_min alive experts under "
-                f"{self.prefix!r}); failed experts: {failed}")
+        unfound = "" if found is None else (
+            f" ({int((short & (found.sum(dim=1) < self.k_min)).sum())} of them because beam search found fewer than "
+            f"k_min alive experts)")
+        return (f"{int(short.sum())} of {short.numel()} samples got fewer than k_min={self.k_min} expert "
+                f"answers under {self.prefix!r}{unfound}; failed experts: {failed}")
 
     def _make_jobs(self, x: torch.Tensor, coords: torch.Tensor, found: torch.Tensor) -> list[_Job]:
         """Group the (sample, slot) pairs by expert: one job (one RPC) per chosen expert."""
