@@ -57,6 +57,8 @@ class RoundStats:
     bytes_received: int = 0
     excluded: set[str] = field(default_factory=set)
     repaired_parts: list[int] = field(default_factory=list)
+    #: the weights our own part received from each member of its settled membership (ours included)
+    observed_weights: dict[str, float] = field(default_factory=dict)
     timeline: dict[str, float] = field(default_factory=dict)   # phase -> trio time it ended
 
     def mark(self, phase: str) -> None:
@@ -177,6 +179,8 @@ class AllReduceRound(RepairPhase):
             self._event(self.result_ready, part).set()
             return
         self.memberships[part] = tuple(sorted(members))
+        if part == self.index and not repair:
+            self.stats.observed_weights = reducer.weights()
         mean = reducer.result()
         start, _ = self.parts[part]
         self.result_bytes[part] = [self.feedback.compress(("result", a, b), mean[a - start:b - start].contiguous(),
@@ -203,6 +207,13 @@ class AllReduceRound(RepairPhase):
         if not self.included.is_set():
             raise ValueError(f"our part of round {self.round_id[-8:]} is not reduced yet")
         return sorted(self.own_included)
+
+    @property
+    def witnesses(self) -> list[str]:
+        """Contributors that own a part (each saw every contributor's weight): from the round's membership,
+        or our own part's when the parts disagree."""
+        members = self.contributors or self.memberships.get(self.index, ())
+        return [p for j, p in enumerate(self.peer_ids) if p in members and self._nonempty(j)]
 
     @property
     def contributors(self) -> tuple[str, ...] | None:

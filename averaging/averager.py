@@ -62,6 +62,12 @@ class StepResult:
     #: fewer than ``group_size``: a member whose slice reached some owner too late is left out of every part
     #: (it still receives the mean of the others). See :mod:`averaging.membership`.
     contributors: list[str] = field(default_factory=list)
+    #: the weight each contributor declared, as the part we own received it (ours included; empty if we own no
+    #: part), and the contributors that own parts (``witnesses``: each of them saw every contributor's weight).
+    #: Filled when our own part settled its membership, even if the round then failed: what a trainer
+    #: records of its partners' contributions (see :mod:`peer.training.ledger`).
+    observed_weights: dict[str, float] = field(default_factory=dict)
+    witnesses: list[str] = field(default_factory=list)
     #: seconds from the step's start to each phase's end: "group", "sent", "reduced", "gathered", "repaired"
     timeline: dict[str, float] = field(default_factory=dict)
 
@@ -194,6 +200,7 @@ class Averager:
                 result.group_size, result.peers = len(round_.members), list(round_.peer_ids)
                 result.bytes_sent, result.bytes_received = round_.stats.bytes_sent, round_.stats.bytes_received
                 result.excluded, result.repaired_parts = sorted(round_.stats.excluded), round_.stats.repaired_parts
+                result.observed_weights, result.witnesses = dict(round_.stats.observed_weights), round_.witnesses
                 result.timeline = {"group": group_formed - started,
                                    **{k: t - started for k, t in round_.stats.timeline.items()}}
                 if result.ok:

@@ -157,6 +157,10 @@ class PartReducer:
         """Senders for which :meth:`sender_finished` succeeded."""
         return frozenset(self._finished)
 
+    def weights(self) -> dict[Hashable, float]:
+        """The weight each active sender declared (its first chunk's), in summation order."""
+        return {s: self._weights[s] for s in self.active_senders if s in self._weights}
+
     def missing_ranges(self, sender: Hashable) -> list[tuple[int, int]]:
         """Part-relative ``(start, end)`` ranges that ``sender`` has not sent yet."""
         self._check_known(sender)

@@ -13,6 +13,8 @@
   ``<prefix>.gossip``           gossip matchmaking                          :mod:`averaging.gossip`
   ``<prefix>.state``            offers of the current dense state           :mod:`averaging.state`
   ``<uid_prefix(layer)>.``      expert declarations of one layer's grid     :mod:`peer.moe.directory`
+  ``experts.load``              rows each expert host served                :mod:`peer.hosting.server`
+  ``peers.info``                each peer's version, roles, reachability    :mod:`peer.app.roles`
   ============================  ==========================================  ============================
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ from averaging.matchmaking import group_key
 from averaging.state import state_key
 
 SYNC_MODES = ("diloco", "grad")
+#: where every peer says who it is (sub-key: its peer ID): ``{"version", "roles", "reachability", "started"}``
+PEER_INFO_KEY = "peers.info"
 
 
 @dataclass

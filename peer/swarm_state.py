@@ -10,8 +10,10 @@ Nothing here writes to the DHT or calls a peer's RPCs: it reads the records the 
   averaging group right now, or just done with one (:mod:`averaging.matchmaking`; each lives a few
   seconds), and ``"<prefix>.state"``: trainers offering the current dense state to newcomers
   (:mod:`averaging.state`).
-* **progress** — ``"<prefix>.progress"``: each trainer's samples, step and loss (:mod:`peer.training.trainer`,
-  rewritten every ``eval_every`` steps).
+* **progress** — ``"<prefix>.progress"``: each trainer's samples, step, loss, rounds and contribution ledger
+  (:meth:`peer.training.trainer.Trainer.progress_record`, rewritten every outer step).
+* **loads** — ``"experts.load"``: what each expert host served (:meth:`peer.hosting.server.ExpertServer.load`).
+* **infos** — ``"peers.info"``: each peer's version, roles, reachability and start time (:mod:`peer.app.roles`).
 
 Here ``prefix = f"{swarm}.{model}.{sync}"`` (:func:`peer.config.training_prefix`), exactly as trainers name it. Example::
 
@@ -36,8 +38,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dht import DHT, ValueWithExpiration, get_dht_time, subkey_entries
-from peer.config import ModelConfig, training_keys, training_prefix
-from peer.moe.directory import parse_declarations
+from peer.config import PEER_INFO_KEY, ModelConfig, training_keys, training_prefix
+from peer.moe.directory import LOAD_KEY, parse_declarations
+
+_PROGRESS_NUMBERS = ("eval_loss", "sps", "started")
+_PROGRESS_INTS = ("round", "peers", "rounds_ok", "rounds_failed", "bytes_sent")
+_PROGRESS_TABLES = {"recent": list, "ledger": dict, "experts": dict, "hosts": dict}
+
 
 def _number(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
@@ -80,15 +87,47 @@ def expert_hosts(found: dict[str, ValueWithExpiration | None], config: ModelConf
 
 
 def training_progress(value: ValueWithExpiration | None) -> list[dict]:
-    """Rows ``{"peer_id", "step", "samples", "loss", "t", "age_s"}`` of a ``<prefix>.progress`` value."""
+    """Rows ``{"peer_id", "step", "samples", "loss", "t", "age_s", ...}`` of a ``<prefix>.progress`` value, with
+    the other fields of :meth:`~peer.training.trainer.Trainer.progress_record` (None or empty when absent)."""
     now, rows = get_dht_time(), []
     for peer_id, payload, _expiration in subkey_entries(value):
         step, samples, t = payload.get("step"), payload.get("samples"), _number(payload.get("t"))
         if not (isinstance(step, int) and isinstance(samples, int) and t is not None):
             continue
-        rows.append({"peer_id": peer_id, "step": step, "samples": samples, "loss": _number(payload.get("loss")),
-                     "t": t, "age_s": now - t})
+        row = {"peer_id": peer_id, "step": step, "samples": samples, "loss": _number(payload.get("loss")),
+               "t": t, "age_s": now - t, **{k: _number(payload.get(k)) for k in _PROGRESS_NUMBERS}}
+        row.update({k: v if isinstance(v := payload.get(k), int) and not isinstance(v, bool) else None
+                    for k in _PROGRESS_INTS})
+        row.update({k: v if isinstance(v := payload.get(k), kind) else kind() for k, kind in _PROGRESS_TABLES.items()})
+        rows.append(row)
     return rows
+
+
+def host_loads(value: ValueWithExpiration | None) -> list[dict]:
+    """Rows ``{"peer_id", "rows", "uids": {uid: [fwd rows, bwd rows, requests, failures, ms]}, "t", "started"}``
+    of the ``experts.load`` value."""
+    now, rows = get_dht_time(), []
+    for peer_id, payload, expiration in subkey_entries(value):
+        uids = payload.get("uids")
+        if expiration <= now or not isinstance(payload.get("rows"), int) or not isinstance(uids, dict):
+            continue
+        rows.append({"peer_id": peer_id, "rows": payload["rows"], "t": _number(payload.get("t")),
+                     "started": _number(payload.get("started")),
+                     "uids": {u: v for u, v in uids.items() if isinstance(u, str) and isinstance(v, list) and len(v) == 5}})
+    return rows
+
+
+def peer_infos(value: ValueWithExpiration | None) -> dict[str, dict]:
+    """``{peer_id: {"version", "roles", "reachability", "started"}}`` from the ``peers.info`` value."""
+    now, infos = get_dht_time(), {}
+    for peer_id, payload, expiration in subkey_entries(value):
+        roles = payload.get("roles")
+        if expiration > now:
+            infos[peer_id] = {"version": str(payload.get("version", "?"))[:32],
+                              "roles": [str(r)[:32] for r in roles[:8]] if isinstance(roles, list) else [],
+                              "reachability": str(payload.get("reachability", "?"))[:32],
+                              "started": _number(payload.get("started"))}
+    return infos
 
 
 def averaging_announcements(value: ValueWithExpiration | None) -> list[dict]:
@@ -147,32 +186,50 @@ def state_offers(value: ValueWithExpiration | None) -> list[dict]:
 
 
 def read_training(dht: DHT, swarm: str, model: str = "tiny", sync: str = "diloco") -> dict:
-    """The fast-changing part, in one batch of lookups: ``{"t", "progress", "averaging", "state_offers"}``."""
+    """The fast-changing part, in one batch of lookups: ``{"t", "progress", "averaging", "state_offers", "loads",
+    "infos"}``."""
     prefix = training_prefix(swarm, model, sync)
     keys = training_keys(prefix)
-    found = dht.get_many(list(keys.values()), latest=True)
+    found = dht.get_many([*keys.values(), LOAD_KEY, PEER_INFO_KEY], latest=True)
     return {"t": get_dht_time(), "progress": training_progress(found.get(keys["progress"])),
             "averaging": averaging_announcements(found.get(keys["averaging"])),
-            "state_offers": state_offers(found.get(keys["state"]))}
+            "state_offers": state_offers(found.get(keys["state"])), "loads": host_loads(found.get(LOAD_KEY)),
+            "infos": peer_infos(found.get(PEER_INFO_KEY))}
 
 
 def read_swarm(dht: DHT, swarm: str, model: str = "tiny", sync: str = "diloco", crawl_timeout: float = 10.0) -> dict:
-    """Everything at once: ``{"t", "prefix", "peers", "experts", "progress", "averaging", "state_offers"}``.
+    """Everything at once: ``{"t", "prefix", "peers", "experts", "progress", "averaging", "state_offers", "loads",
+    "infos"}``.
 
     ``peers`` rows also get a ``"roles"`` list ("expert host", "trainer"; empty for a peer that only
-    serves the DHT, such as a bootstrap peer). A trainer counts as one when it published progress,
-    announced for averaging or offers its state.
+    serves the DHT, such as a bootstrap peer) and what the peer says of itself in ``peers.info``
+    (``version`` is the DHT protocol version, ``software`` the swarmtrain version, plus ``reachability`` and
+    ``uptime_s``). A trainer counts as one when it published progress, announced for averaging or offers
+    its state. Peers in client mode are not crawled; those that published an info record are listed too.
     """
     config = ModelConfig.preset(model)
     state = read_training(dht, swarm, model, sync)
     experts = expert_hosts(dht.get_many(config.expert_root_keys(), latest=True), config)
     peers = list_peers(dht, crawl_timeout)
-    hosting = {h["peer_id"] for h in experts["hosts"]}
+    annotate_peers(peers, state, experts)
+    return {**state, "prefix": training_prefix(swarm, model, sync), "peers": peers, "experts": experts}
+
+
+def annotate_peers(peers: list[dict], state: dict, experts: dict) -> list[dict]:
+    """Add ``roles``, ``software``, ``reachability`` and ``uptime_s`` to crawled ``peers`` (in place) from a
+    :func:`read_training` ``state`` and :func:`expert_hosts` ``experts``, and append the peers that only
+    published an info record (client mode: never crawled). Returns ``peers``."""
+    listed = {p["peer_id"] for p in peers}
+    peers += [{"peer_id": pid, "addrs": [], "version": "?"} for pid in sorted(state["infos"]) if pid not in listed]
+    hosting = {h["peer_id"] for h in experts["hosts"]} | {load["peer_id"] for load in state["loads"]}
     training = {row["peer_id"] for part in ("progress", "averaging", "state_offers") for row in state[part]}
     for peer in peers:
         peer["roles"] = [role for role, ids in (("expert host", hosting), ("trainer", training))
                          if peer["peer_id"] in ids]
-    return {**state, "prefix": training_prefix(swarm, model, sync), "peers": peers, "experts": experts}
+        info = state["infos"].get(peer["peer_id"], {})
+        peer["software"], peer["reachability"] = info.get("version"), info.get("reachability")
+        peer["uptime_s"] = state["t"] - info["started"] if info.get("started") is not None else None
+    return peers
 
 
 def progress_series(snapshots: Iterable[Sequence[dict]]) -> dict[str, list[dict]]:
@@ -212,5 +269,6 @@ def swarm_throughput(series: dict[str, list[dict]]) -> list[tuple[float, float]]
     return out
 
 
-__all__ = ["training_prefix", "list_peers", "expert_hosts", "training_progress", "averaging_announcements",
+__all__ = ["training_prefix", "list_peers", "expert_hosts", "training_progress", "host_loads", "peer_infos",
+           "averaging_announcements", "annotate_peers",
            "averaging_rounds", "state_offers", "read_training", "read_swarm", "progress_series", "swarm_throughput"]

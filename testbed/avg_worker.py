@@ -104,7 +104,8 @@ def main() -> None:
                     "matchmaking_s": res.matchmaking_s, "allreduce_s": res.allreduce_s,
                     "bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received, "excluded": res.excluded,
                     "repaired": res.repaired_parts, "reason": res.reason, "peers": res.peers,
-                    "contributors": res.contributors,
+                    "contributors": res.contributors, "observed_weights": res.observed_weights,
+                    "witnesses": res.witnesses,
                     "banned": averager.bans.banned()}
         except ValueError as e:
             line = {"round": r, "ok": False, "error": str(e), "duration": time.time() - t0}

@@ -35,11 +35,14 @@ def test_exact_weighted_mean(bootstrap, tmp_path, n, size):
     values = [float(3 * i - 2) for i in range(n)]
     weights = [float(i + 1) for i in range(n)]
     specs = [dict(size=size, value=v, weight=w, group=n, matchmaking_time=3) for v, w in zip(values, weights)]
-    results, tensors = run_group(bootstrap, tmp_path, specs)
+    results, tensors, ids = run_group(bootstrap, tmp_path, specs, with_ids=True)
     expected = sum(v * w for v, w in zip(values, weights)) / sum(weights)
     for res in results:
         assert res[0]["ok"], res
         assert res[0]["group_size"] == n
+        # every owner saw each member's declared weight (what contribution ledgers are checked against)
+        assert res[0]["observed_weights"] == dict(zip(ids, weights)), res
+        assert sorted(res[0]["witnesses"]) == sorted(ids), res
     for t in tensors:
         assert torch.allclose(t, torch.full_like(t, expected), atol=1e-5)
         assert torch.equal(t, tensors[0])  # bit-identical on every member

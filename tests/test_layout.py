@@ -15,7 +15,7 @@ LAYERS = ["p2p", "dht", "averaging", "peer"]          # each may import only its
 #: inside peer/: a module may import from lower ranks, and from its own subpackage; never across a rank
 #: (``python -m peer`` and ``python -m peer.swarm`` are entry points on top of app)
 PEER_RANKS = {"peer.config": 0, "peer.checkpoint": 0, "peer.moe": 1, "peer.hosting": 2, "peer.training": 2,
-              "peer.swarm_state": 2, "peer.inference": 3, "peer.app": 4, "peer.swarm": 5, "peer.__main__": 5,
+              "peer.swarm_state": 2, "peer.contributions": 2, "peer.inference": 3, "peer.app": 4, "peer.swarm": 5, "peer.__main__": 5,
               "peer": 5}
 MAX_LINES = 400
 

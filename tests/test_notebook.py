@@ -166,6 +166,8 @@ def test_notebook_shows_a_live_swarm(python_process, tmp_path, monkeypatch):
     assert boot_id in peers
     assert host_id[-8:] in html_table(outputs, "experts") and "ffn0: 16, ffn1: 16" in html_table(outputs, "experts")
     assert trainer_id[-8:] in html_table(outputs, "progress")  # the trainer's row (peer IDs shown as …<last 8>)
+    assert trainer_id[-8:] in html_table(outputs, "leaderboard")      # its contribution record
+    assert host_id[-8:] in html_table(outputs, "host-leaderboard")    # the host's served-rows record
     assert any("image/png" in out.get("data", {}) for out in outputs)
     assert plot.stat().st_size > 1000
     stdout = "".join(out.get("text", "") for out in outputs if out.get("name") == "stdout")

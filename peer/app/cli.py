@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML or JSON file of flag values (keys as flag names without dashes, e.g. "
                         "initial_peers); flags given on the command line win")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--dashboard-port", default=None, metavar="[HOST:]PORT",
+                   help="serve a live web page of the swarm (peers, experts, training, averaging rounds, "
+                        "contributions) and its JSON API under /api/ on this port, e.g. 8080 (on 127.0.0.1; "
+                        "0.0.0.0:8080 for every interface); works in client mode too")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="how much to log (default: %(default)s)")
     return p
@@ -138,6 +142,9 @@ def check_args(args: argparse.Namespace) -> None:
     except (ValueError, AssertionError):
         raise ValueError(f"--shard {args.shard!r}: use I/N with 0 <= I < N") from None
     args.shard, args.num_shards = shard, num_shards
+    if args.dashboard_port is not None:
+        from .dashboard import parse_listen
+        args.dashboard_listen = parse_listen(str(args.dashboard_port))
     args.psk = read_swarm_key(args.swarm_key) if args.swarm_key else None
     if args.allow_peers is not None:
         args.allow_peers = read_peer_ids(args.allow_peers)

@@ -27,13 +27,7 @@ class StatusLine:
                                  f"{len(trainer.dht.routing)} | experts used {used} | averaging "
                                  f"{trainer.rounds_ok} ok / {trainer.rounds_failed} failed")
         if self.metrics:
-            m = self.metrics
-            m.loss.set(trainer.loss_ema)
-            m.samples_per_s.set(speed)
-            m.peers.set(len(trainer.dht.routing))
-            m.averaging_ok.set(trainer.rounds_ok)
-            m.averaging_failed.set(trainer.rounds_failed)
-            m.samples.set(trainer.samples)
+            self.metrics.update_trainer(trainer, speed)
 
     def __enter__(self) -> "StatusLine":
         return self

@@ -51,7 +51,7 @@ from p2p import ServiceLimits
 from peer.hosting.batching import BatcherStopped, ExpertBatcher
 from peer.hosting.config import HostingConfig
 from peer.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from peer.moe.directory import declaration_records
+from peer.moe.directory import LOAD_KEY, declaration_records
 from peer.hosting.backend import ExpertBackend, InvalidInputError, OptimizerFactory
 from peer.moe.experts import create_expert
 from peer.moe.gating import parse_uid
@@ -137,6 +137,9 @@ class ExpertServer:
                                     max_concurrent_per_peer=c.max_concurrent_per_peer,
                                     max_calls_per_second=2000.0)  # a GPU host answers many small calls
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "rejected": 0, "compute_s": 0.0, "compute_cpu_s": 0.0}
+        #: per expert: [forward rows, backward rows, requests, failures, seconds in requests] (see :meth:`load`)
+        self.served: dict[str, list] = {uid: [0, 0, 0, 0, 0.0] for uid in experts}
+        self.started_at = get_dht_time()
         self._batchers: dict[str, ExpertBatcher] = {}
         self._out_shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
         self._saved_counts: dict[str, int] = {}
@@ -224,6 +227,8 @@ class ExpertServer:
         """Store (or, with ``withdraw``, tombstone) this server's declarations; True per accepted record."""
         expiration_time = get_dht_time() + self.expiration + (1e-3 if withdraw else 0.0)
         records = declaration_records(self.dht, self.experts, expiration_time, withdraw=withdraw)
+        if not withdraw:
+            records.append(self.dht.make_record(LOAD_KEY, self.load(), expiration_time, subkey=self.dht.peer_id))
         accepted = await self.dht.astore_many(records, republish=False)
         if not any(accepted):
             logger.warning("No DHT node accepted the %s of %d experts", "withdrawal" if withdraw else "declaration",
@@ -299,7 +304,25 @@ class ExpertServer:
         if not self._running or self._stopped:
             raise ServerStopped("the expert server is shutting down")
         self.stats["requests"] += 1
-        return await self._batchers[uid].submit(kind, x, grad)
+        served, started = self.served[uid], trio.current_time()
+        served[2] += 1
+        try:
+            out = await self._batchers[uid].submit(kind, x, grad)
+        except BaseException:
+            served[3] += 1
+            raise
+        finally:
+            served[4] += trio.current_time() - started
+        served[0 if kind == "forward" else 1] += int(x.shape[0]) if x.dim() else 1
+        return out
+
+    def load(self) -> dict:
+        """What this host served so far, as published under :data:`~peer.moe.directory.LOAD_KEY`: the rows of
+        every answered forward and backward request (its claim of work done), and per expert ``[forward rows,
+        backward rows, requests, failures, mean ms per request]``."""
+        uids = {uid: [f, b, n, e, round(1000 * s / n, 2) if n else None] for uid, (f, b, n, e, s) in self.served.items()}
+        return {"t": get_dht_time(), "started": self.started_at, "rows": sum(f + b for f, b, *_ in uids.values()),
+                "uids": uids}
 
     # ---------------------------------------------------------------- checkpoints
     def load_checkpoints(self) -> int:

@@ -74,6 +74,11 @@ def declaration_records(dht: DHT, uids: Iterable[str], expiration_time: float, *
             for key, hosted in by_key.items()]
 
 
+#: where each expert host publishes what it served (sub-key: its peer ID, so the record is signed by it):
+#: ``{"t", "started", "rows", "uids": {uid: [forward rows, backward rows, requests, failures, mean ms]}}``
+LOAD_KEY = "experts.load"
+
+
 @dataclass(frozen=True)
 class ServerEntry:
     """One server's declaration under one key: its peer ID, its addresses and the UIDs it hosts there."""

@@ -40,6 +40,7 @@ from torch import nn
 
 from dht import DHT
 from p2p import Node, P2PError
+from peer.moe.call_stats import ExpertCallStats
 from peer.moe.directory import ExpertDirectory
 from peer.moe.gating import (GatingFunction, beam_search_coords, combine_expert_outputs, expert_logits,
                          load_balancing_loss, make_uid, routing_counts)
@@ -214,6 +215,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.mask: torch.Tensor | None = None
         self.last_failures: list[str] = []
         self.last_used_uids: list[str] = []  # experts called by the last forward pass (for status lines)
+        self.call_stats = ExpertCallStats()  # rows, latency and failures of every call, per expert and host
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +314,7 @@ class RemoteMixtureOfExperts(nn.Module):
         forward = method == "forward"
         args = {"uid": job.uid, "x": job.x_wire} if forward else {"uid": job.uid, "x": job.x_wire,
                                                                     "grad": job.grad_wire}
-        rows = len(job.rows)
+        rows, started = len(job.rows), time.monotonic()
         try:
             reply = await _call(self.node, job.peer_id, method, args,
                                 self.forward_timeout if forward else self.backward_timeout, self.max_message_bytes)
@@ -320,9 +322,11 @@ class RemoteMixtureOfExperts(nn.Module):
                 job.output = _decode_checked(reply, "y", (rows, *out_shape), rows)
             else:
                 job.grad_x = _decode_checked(reply, "grad_x", job.x_wire[1], rows)
+            self.call_stats.record(job.uid, job.peer_id, rows, time.monotonic() - started, ok=True)
         except (P2PError, InvalidTensorMessage, ExpertOutputError, ValueError) as e:
             job.error = f"{type(e).__name__}: {e}"
             now = time.monotonic()
+            self.call_stats.record(job.uid, job.peer_id, rows, now - started, ok=False)
             for key in [key for key, until in self._blacklist.items() if until <= now]:
                 del self._blacklist[key]
             self._blacklist[(job.uid, job.peer_id)] = now + self.blacklist_seconds

@@ -35,7 +35,10 @@ from peer.checkpoint import load_checkpoint, save_checkpoint
 from peer.config import ModelConfig, progress_key, training_prefix
 from peer.moe.remote import NotEnoughExpertsError, RemoteMixtureOfExperts
 
+from peer.moe.call_stats import ExpertCallStats
+
 from .data import ByteDataset, batches, eval_batches, load_corpus
+from .ledger import ContributionLedger
 from .model import MoETransformer
 from .sync import STRATEGIES
 from .train_config import TrainConfig
@@ -67,6 +70,10 @@ class Trainer:
         self.rounds_ok = self.rounds_failed = 0
         self.skipped_steps = 0  # batches skipped because too few experts answered
         self.averaging_bytes = 0  # sent + received by our averaging rounds
+        self.bytes_sent = 0       # sent by our averaging rounds
+        self.ledger = ContributionLedger(dht.peer_id)  # our averaging contributions and what partners brought
+        self.started_at = get_dht_time()
+        self._last_published = (time.monotonic(), 0)  # (when, samples): our rate between progress records
         self.sync_rounds = 0  # swarm-wide averaging rounds folded into our dense state (the state's "step")
         self.global_samples = 0      # swarm-wide samples at our last look at the DHT
         self.trainers_seen = 1       # trainers whose progress we saw then (the rate we extrapolate with)
@@ -124,6 +131,8 @@ class Trainer:
             self.rounds_failed += 1
             return False
         self.averaging_bytes += result.bytes_sent + result.bytes_received
+        self.bytes_sent += result.bytes_sent
+        self.ledger.add_round(result, weight)
         self.rounds_ok += result.ok
         self.rounds_failed += not result.ok
         if result.ok:
@@ -206,11 +215,37 @@ class Trainer:
         since = self.samples - self.samples_seen_at
         return max(self.global_samples + self.trainers_seen * max(0, since), self.samples)
 
+    def call_stats(self) -> ExpertCallStats:
+        """What our MoE layers saw of the experts they called, all layers together."""
+        total = ExpertCallStats()
+        for module in self.model.modules():
+            if isinstance(module, RemoteMixtureOfExperts):
+                total.merge(module.call_stats)
+        return total
+
+    def progress_record(self) -> dict:
+        """What we publish under ``<prefix>.progress`` (signed: the sub-key is our peer ID).
+
+        ``samples``, ``step``, ``loss`` (train EMA), ``t``; ``eval_loss`` (latest held-out loss), ``round`` (swarm
+        rounds in our state), ``sps`` (our samples/s since the previous record), ``peers`` (routing table),
+        ``rounds_ok``/``rounds_failed``/``bytes_sent``, ``started``; ``recent`` (our last rounds), ``ledger``
+        (:class:`~peer.training.ledger.ContributionLedger`), ``experts`` (per UID ``[calls, rows, failures,
+        mean ms]``) and ``hosts`` (rows each host answered us)."""
+        now, (then, samples_then) = time.monotonic(), self._last_published
+        self._last_published = (now, self.samples)
+        calls = self.call_stats()
+        return {"samples": self.samples, "step": self.step, "loss": self.loss_ema, "t": get_dht_time(),
+                "eval_loss": self.history[-1]["eval_loss"] if self.history else None, "round": self.sync_rounds,
+                "sps": round((self.samples - samples_then) / (now - then), 3) if now > then else None,
+                "peers": len(self.dht.routing), "rounds_ok": self.rounds_ok, "rounds_failed": self.rounds_failed,
+                "bytes_sent": self.bytes_sent, "started": self.started_at, "recent": list(self.ledger.recent),
+                "ledger": self.ledger.record(), "experts": {u: t.as_list() for u, t in sorted(calls.by_uid.items())},
+                "hosts": {h: t.rows for h, t in sorted(calls.by_host.items())}}
+
     def publish_progress(self) -> None:
         """Write our progress to the DHT and read everyone's to know the swarm-wide sample count."""
         key = progress_key(self.prefix)
-        mine = {"samples": self.samples, "step": self.step, "loss": self.loss_ema, "t": get_dht_time()}
-        self.dht.store(key, mine, get_dht_time() + 60, subkey=self.dht.peer_id)
+        self.dht.store(key, self.progress_record(), get_dht_time() + 60, subkey=self.dht.peer_id)
         found = self.dht.get(key, latest=True)
         entries = [e.value for e in subkey_entries(found)]
         if entries:
@@ -286,10 +321,14 @@ class Trainer:
                 if eval_loss is not None:
                     self.history.append({"step": self.step, "samples": self.samples, "eval_loss": eval_loss,
                                          "t": time.monotonic() - started})
+            try:  # our final figures, for dashboards and leaderboards
+                self.publish_progress()
+            except (P2PError, OSError) as e:
+                logger.warning("Could not publish our final progress: %s", e)
             logger.info("Finished: %d samples in %d steps, final eval loss %s, averaging %d ok / %d failed, "
-                        "%d bytes", self.samples, self.step,
+                        "%d bytes (%d sent)", self.samples, self.step,
                         f"{self.history[-1]['eval_loss']:.4f}" if self.history else "none",
-                        self.rounds_ok, self.rounds_failed, self.averaging_bytes)
+                        self.rounds_ok, self.rounds_failed, self.averaging_bytes, self.bytes_sent)
         finally:
             if c.checkpoint_dir:
                 self.save()
