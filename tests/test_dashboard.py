@@ -194,3 +194,31 @@ def test_browser_sees_a_live_four_peer_swarm():
     assert "status: trainer0  step" in out and "last round ok" in out, out[-3000:]
     summary = out[out.index("trainer    samples final loss"):]
     assert "trainer0       480" in summary and "trainer1       480" in summary, summary
+
+
+def test_prometheus_carries_the_new_figures():
+    from types import SimpleNamespace
+
+    from peer.app.metrics import Metrics
+    from peer.moe.call_stats import ExpertCallStats
+    from testbed.dashboard_check import free_port
+
+    port = free_port()
+    metrics = Metrics(port)
+    ledger = ContributionLedger(A)
+    ledger.add_round(StepResult(ok=True, contributors=[A, B], witnesses=[A, B], observed_weights={A: 8.0, B: 5.0},
+                                duration=1.5, bytes_sent=100), 8.0)
+    calls = ExpertCallStats()
+    calls.record("ffn0.0.0", C, 10, 0.1, ok=False)
+    trainer = SimpleNamespace(loss_ema=2.0, history=[{"eval_loss": 2.1}], dht=SimpleNamespace(routing=[1, 2]),
+                              rounds_ok=1, rounds_failed=0, bytes_sent=100, ledger=ledger, samples=8,
+                              call_stats=lambda: calls)
+    metrics.update_trainer(trainer, 3.0)
+    metrics.update_host(SimpleNamespace(load=lambda: {"rows": 42, "uids": {"ffn0.0.0": [30, 12, 3, 1, 5.0]}}))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    figures = dict(line.split() for line in text.splitlines() if line.startswith("swarmtrain_"))
+    assert figures["swarmtrain_contribution_averaged_samples"] == "8.0"
+    assert figures["swarmtrain_contribution_partner_samples_seen"] == "5.0"
+    assert figures["swarmtrain_averaging_last_round_seconds"] == "1.5"
+    assert figures["swarmtrain_expert_call_failures"] == "1.0"
+    assert figures["swarmtrain_expert_rows_served"] == "42.0" and figures["swarmtrain_expert_requests_failed"] == "1.0"
