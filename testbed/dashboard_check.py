@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from peer.app.swarm import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,17 +28,11 @@ def chromium_paths() -> tuple[str, str] | None:
     return (binary, driver) if binary and driver else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalSwarm:
     """``python -m peer.swarm`` with ``flags`` as a child process; its stdout lines collect in :attr:`lines`."""
 
     def __init__(self, *flags: str, port: int | None = None):
-        self.port = port or free_port()
+        self.port = port or free_port(0)
         self.url = f"http://127.0.0.1:{self.port}/"
         self.proc = subprocess.Popen([sys.executable, "-m", "peer.swarm", "--dashboard-port", str(self.port), *flags],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

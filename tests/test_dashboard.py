@@ -201,9 +201,9 @@ def test_prometheus_carries_the_new_figures():
 
     from peer.app.metrics import Metrics
     from peer.moe.call_stats import ExpertCallStats
-    from testbed.dashboard_check import free_port
+    from peer.app.swarm import free_port
 
-    port = free_port()
+    port = free_port(0)
     metrics = Metrics(port)
     ledger = ContributionLedger(A)
     ledger.add_round(StepResult(ok=True, contributors=[A, B], witnesses=[A, B], observed_weights={A: 8.0, B: 5.0},

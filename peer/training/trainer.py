@@ -33,9 +33,8 @@ from p2p import P2PError
 
 from peer.checkpoint import load_checkpoint, save_checkpoint
 from peer.config import ModelConfig, progress_key, training_prefix
-from peer.moe.remote import NotEnoughExpertsError, RemoteMixtureOfExperts
-
 from peer.moe.call_stats import ExpertCallStats
+from peer.moe.remote import NotEnoughExpertsError, RemoteMixtureOfExperts
 
 from .data import ByteDataset, batches, eval_batches, load_corpus
 from .ledger import ContributionLedger
