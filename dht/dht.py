@@ -87,6 +87,15 @@ class DHT:
         if self.tasks is not None and not self.tasks.closed:
             return self
         self.node.start()
+        try:
+            # behind a NAT the node turns private (reachable through relays, a DHT client) before we serve
+            self.node.run(self.node.settle_reachability, self.initial_peers)
+        except BaseException:
+            if self._owns_node:
+                self.node.stop()
+            raise
+        self.client_mode = self.node.client_mode
+        self.node.relay_candidates = self._relay_candidates
         self.tasks = self.node.task_group(f"dht {self.peer_id[-8:]}")
         self.protocol = DHTProtocol(self.node, self.routing, self.storage, self.validator, self.config,
                                     self.client_mode, self.tasks)
@@ -98,6 +107,11 @@ class DHT:
             raise
         self.tasks.spawn(self._maintain)
         return self
+
+    def _relay_candidates(self) -> list[tuple[str, list[str]]]:
+        """Public peers a private node may reserve relay slots on: those of our routing table (only public
+        peers enter routing tables), nearest first."""
+        return [(p.peer_id, list(p.addrs)) for p in self.routing.nearest(self.node_id, 20)]
 
     async def bootstrap(self, initial_peers: Sequence[str] | None = None) -> int:
         """Ping the initial peers, then look up our own id to fill the routing table; returns peers known."""

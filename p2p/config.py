@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .relay import RelayLimits
+
 DEFAULT_HOST_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
 
 
@@ -26,6 +28,9 @@ class NodeConfig:
     :param bulk_port: TCP port of the bulk data plane (:mod:`p2p.bulk`: big payloads beside libp2p, ~10x
         less CPU per byte), on the listen addresses' IPs; 0 picks a free port, None turns it off. Behind a
         NAT, fix it and forward it too (without it, peers fall back to slower libp2p streams).
+    :param relay_service: once this peer finds it is publicly reachable, relay for peers behind NATs
+        (:mod:`p2p.relay`, within ``relay_limits``). Off: it relays nothing.
+    :param relay_limits: what a relaying peer gives others (:class:`~p2p.relay.RelayLimits`).
     """
 
     swarm: str = "default"
@@ -37,6 +42,8 @@ class NodeConfig:
     allowed_peers: Sequence[str] | None = None
     max_streams_per_peer: int = 128
     bulk_port: int | None = 0
+    relay_service: bool = True
+    relay_limits: RelayLimits = RelayLimits()
 
     def __post_init__(self) -> None:
         if not self.swarm or "/" in self.swarm:

@@ -33,6 +33,7 @@ from .framing import MAX_FRAME_BYTES, STREAM_TIMEOUT, FramedStream
 from .identity import peer_id_of
 from .limits import LogThrottle
 from .pool import StreamPool
+from .relay import dial_circuit, is_circuit, open_connections, split_circuit
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ class Host:
         self.max_streams_per_peer = max_streams_per_peer
         self.stream_pool = StreamPool()
         self.libp2p = None
+        #: set by the node once it knows it is behind a NAT: it then announces these circuit addresses
+        #: (:class:`~p2p.relay_client.RelayClient`) instead of its listen addresses
+        self.private = False
+        self.circuit_addrs: list[str] = []
+        self._circuit_dials: dict[str, trio.Lock] = {}
         self._token: trio.lowlevel.TrioToken | None = None
         self._handlers: dict[TProtocol, StreamHandler] = {}
         self._refused: set[str] = set()  # peers whose refusal was logged already
@@ -110,6 +116,12 @@ class Host:
         """Full multiaddrs others can join with: ``/ip4/.../tcp/.../p2p/<peer-id>``."""
         if self.libp2p is None or self.client_mode:
             return []
+        if self.private:
+            return list(self.circuit_addrs)
+        return self.listen_addrs()
+
+    def listen_addrs(self) -> list[str]:
+        """Our direct addresses (the wildcard expanded), whether or not anyone outside can dial them."""
         out: list[str] = []
         for addr in map(str, self.libp2p.get_addrs()):
             if addr.startswith("/ip4/0.0.0.0/"):
@@ -142,7 +154,10 @@ class Host:
             raise ValueError(f"{maddr!r} has no /p2p/<peer-id> part: {e}") from None
         with trio.move_on_after(timeout) as scope:
             try:
-                await self.libp2p.connect(info)
+                if is_circuit(maddr):
+                    await dial_circuit(self.libp2p, maddr, timeout)
+                else:
+                    await self.libp2p.connect(info)
             except Exception as e:
                 raise PeerUnreachable(f"cannot connect to {maddr}: {e}") from None
         if scope.cancelled_caught:
@@ -150,10 +165,23 @@ class Host:
         return info.peer_id.to_base58()
 
     def is_connected(self, peer_id: str) -> bool:
-        return bool(self.libp2p and self.libp2p.get_network().get_connections(ID.from_base58(peer_id)))
+        return bool(self.libp2p and open_connections(self.libp2p, ID.from_base58(peer_id)))
+
+    def is_relayed(self, peer_id: str) -> bool:
+        """Whether our connection to ``peer_id`` runs through a relay (:mod:`p2p.relay`)."""
+        for conn in open_connections(self.libp2p, ID.from_base58(peer_id)):
+            try:
+                if any(is_circuit(a) for a in conn.get_transport_addresses()):
+                    return True
+            except Exception:
+                continue
+        return False
 
     def remote_ip(self, peer_id: str) -> str | None:
-        """The IP address of our current libp2p connection to ``peer_id`` (None if not connected)."""
+        """The IP address of our current direct libp2p connection to ``peer_id`` (None if not connected, or
+        only through a relay: the address there is the relay's)."""
+        if self.is_relayed(peer_id):
+            return None
         for conn in self.libp2p.get_network().get_connections(ID.from_base58(peer_id)):
             try:
                 address = conn.muxed_conn.get_remote_address()
@@ -245,6 +273,8 @@ class Host:
         was_connected, started = self.is_connected(peer_id), trio.current_time()
         with trio.move_on_after(timeout) as scope:
             try:
+                if not was_connected:
+                    await self._dial_circuits(pid, timeout)
                 raw = await self.libp2p.new_stream(pid, [self.protocol_id(service, version)])
             except Exception as e:
                 raise PeerUnreachable(f"cannot open {service} stream to {peer_id[-8:]}: {type(e).__name__}: {e}") from None
@@ -253,6 +283,41 @@ class Host:
                 await self.drop_connection(peer_id, f"opening a {service} stream took {timeout:.1f}s")
             raise P2PTimeout(f"opening a {service} stream to {peer_id[-8:]} took longer than {timeout}s")
         return FramedStream(raw, peer_id, max_frame_bytes=max_frame_bytes, timeout=timeout)
+
+    async def _dial_circuits(self, pid: ID, timeout: float) -> None:
+        """Dial ``pid`` through a relay when it has circuit addresses (py-libp2p's swarm skips them); the first
+        relay that gives a circuit wins."""
+        try:
+            known = [str(a) for a in self.libp2p.get_peerstore().addrs(pid)]
+        except Exception:
+            return
+        target = pid.to_base58()
+        circuits = [a if a.endswith(f"/p2p/{target}") else f"{a}/p2p/{target}" for a in known if is_circuit(a)]
+        if not circuits:
+            return      # a direct address: the swarm dials it
+        # A peer with circuit addresses is behind a NAT: the direct addresses we also know of it (identify tells
+        # us its listen addresses, in its home network) cannot be dialed from here, and trying them first costs
+        # a dial timeout per call.
+        lock = self._circuit_dials.setdefault(pid.to_base58(), trio.Lock())
+        try:
+            async with lock:        # concurrent opens share one circuit instead of racing for several
+                if not open_connections(self.libp2p, pid):
+                    await self._dial_first_circuit(pid, circuits, timeout)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._circuit_dials.pop(pid.to_base58(), None)
+
+    async def _dial_first_circuit(self, pid: ID, circuits: list[str], timeout: float) -> None:
+        # relays we hold a connection to first: the peerstore keeps the circuits of a relay that died for hours
+        circuits.sort(key=lambda a: not open_connections(self.libp2p, ID.from_base58(split_circuit(a)[1])))
+        errors = []
+        for addr in circuits:
+            try:
+                await dial_circuit(self.libp2p, addr, timeout)
+                return
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+        raise PeerUnreachable(f"no relay gave a circuit to {pid.to_base58()[-8:]}: {'; '.join(errors)}")
 
     async def drop_connection(self, peer_id: str, why: str) -> None:
         """Close our connections to ``peer_id`` (see :data:`STUCK_OPEN_S`); the next stream to it dials again."""

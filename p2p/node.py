@@ -27,6 +27,10 @@ from .errors import P2PError, P2PTimeout
 from .framing import MAX_FRAME_BYTES, STREAM_TIMEOUT, FramedStream
 from .host import DIAL_TIMEOUT, STUCK_OPEN_S, Host
 from .identity import load_or_create_identity, peer_id_of
+from .reachability import AUTONAT_PROTOCOL_ID, PRIVATE, PROBE_TIMEOUT, PUBLIC, AutoNATServer
+from .reachability import check as check_reachability
+from .relay import make_hop, make_stop
+from .relay_client import RelayClient
 from .rpc import Handler, RPCServer, ServiceLimits, call
 from .tasks import TaskGroup
 
@@ -60,6 +64,16 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._stop_requested: trio.Event | None = None
         self.bulk = BulkPlane(self.host, c.bulk_port) if c.bulk_port is not None else None
+        #: "client" (listens on nothing), then, once :meth:`settle_reachability` ran, "public" or "private"
+        #: (behind a NAT: reachable only through relays, and a client of the DHT and of averaging)
+        self.reachability = "client" if c.client_mode else "unknown"
+        self.relay_protocol = None           # py-libp2p's circuit relay service: hop (public) or stop only
+        self.relay_client: RelayClient | None = None
+        #: public peers to reserve relay slots on, ``[(peer_id, [addr, ...])]``; the DHT replaces it with
+        #: its routing table
+        self.relay_candidates: Callable[[], Sequence[tuple[str, Sequence[str]]]] = lambda: []
+        self.on_addrs_changed: list[Callable[[list[str]], None]] = []
+        self.autonat = AutoNATServer(probe_timeout=PROBE_TIMEOUT, psk=c.psk)
         self._tasks = self.task_group("node")
         if start:
             self.start()
@@ -87,6 +101,8 @@ class Node:
                     self._stop_requested = trio.Event()
                     if self.bulk is not None and self.host.listen:
                         await nursery.start(self.bulk.listen, [host_of(m) for m in self.host.listen])
+                    if self.host.listen:
+                        self.host.libp2p.set_stream_handler(AUTONAT_PROTOCOL_ID, self._on_autonat)
                     self._started.set()
                     await self._stop_requested.wait()
                     nursery.cancel_scope.cancel()
@@ -190,6 +206,78 @@ class Node:
                 raise P2PTimeout(f"opening a bulk {service} stream to {peer_id[-8:]} took longer than {timeout}s")
         return await self.host.open_stream(peer_id, service, version=version, max_frame_bytes=max_frame_bytes,
                                            timeout=max(deadline - trio.current_time(), 0.0))
+
+    # ---------------------------------------------------------------- reachability and relays
+    async def _on_autonat(self, stream) -> None:
+        if self.is_allowed(stream.muxed_conn.peer_id.to_base58()):
+            await self.autonat.handle(stream)
+        else:
+            await stream.reset()
+
+    async def settle_reachability(self, initial_peers: Sequence[str] = (), timeout: float = DIAL_TIMEOUT) -> str:
+        """Find out whether others can dial us, and act on it; returns :attr:`reachability`.
+
+        Connects to ``initial_peers`` and asks them to dial us back (:mod:`p2p.reachability`). Public (or
+        nobody to ask: the first peer of a swarm): relay for others (``relay_service``). Private: accept
+        circuits, reserve slots on relays (:class:`~p2p.relay_client.RelayClient`; the initial peers first,
+        then :attr:`relay_candidates`) and announce the circuit addresses; from here on
+        :attr:`client_mode` is True (we only ask the DHT and own no averaging parts). A client-mode node
+        does nothing here."""
+        if self.reachability != "unknown":
+            return self.reachability
+        servers: dict[str, list[str]] = {}
+
+        async def reach(maddr: str) -> None:
+            try:
+                servers[await self.connect(maddr, timeout)] = [maddr]
+            except (P2PError, ValueError) as e:
+                logger.debug("Reachability: initial peer %s is unreachable: %s", maddr, e)
+
+        async with trio.open_nursery() as nursery:
+            for maddr in initial_peers:
+                nursery.start_soon(reach, maddr)
+        verdict, answers = await check_reachability(self.host.libp2p, list(servers), self.host.listen_addrs(),
+                                                    timeout)
+        if verdict == PRIVATE:
+            await self._go_private(servers, timeout)
+        else:
+            self.reachability = PUBLIC
+            self.relay_protocol = make_hop(self.host.libp2p, self.config.relay_limits, self.is_allowed) \
+                if self.config.relay_service else make_stop(self.host.libp2p)
+            await self._nursery.start(self._run_service, self.relay_protocol)
+        said = sum(a != "unknown" for a in answers.values())
+        logger.info("Reachability: %s (%d of %d peers checked%s)", self.reachability, said, len(answers),
+                    "; relaying for others" if self.reachability == PUBLIC and self.config.relay_service else "")
+        return self.reachability
+
+    async def _go_private(self, initial: dict[str, list[str]], timeout: float) -> None:
+        self.reachability, self.client_mode, self.host.private = PRIVATE, True, True
+        self.relay_protocol = make_stop(self.host.libp2p)
+        await self._nursery.start(self._run_service, self.relay_protocol)
+
+        def candidates():
+            return list(initial.items()) + [c for c in self.relay_candidates() if c[0] not in initial]
+
+        def changed(addrs: list[str]) -> None:
+            self.host.circuit_addrs = addrs
+            for listener in list(self.on_addrs_changed):
+                listener(addrs)
+
+        self.relay_client = RelayClient(self.host.libp2p, candidates, timeout=timeout, on_change=changed)
+        await self._nursery.start(self.relay_client.run)
+        with trio.move_on_after(timeout):
+            await self.relay_client.has_slot.wait()
+        self.host.circuit_addrs = self.relay_client.addrs
+        if not self.host.circuit_addrs:
+            logger.warning("Behind a NAT and no relay gave us a slot yet: we can call others, but nobody can "
+                           "call us until one does (forward a port and use --announce-maddrs to skip relays)")
+
+    @staticmethod
+    async def _run_service(service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from libp2p.tools.anyio_service import background_trio_service
+        async with background_trio_service(service):
+            task_status.started()
+            await trio.sleep_forever()
 
     # ---------------------------------------------------------------- thread facade
     def run(self, async_fn: Callable[..., Awaitable[Any]], *args: Any, timeout: float | None = None) -> Any:

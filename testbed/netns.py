@@ -138,10 +138,16 @@ class Topology:
     :param burst_ms: token-bucket depth, in milliseconds of traffic at the capped rate (at least 32 KiB).
     :param queue_ms: how much traffic (in ms at the capped rate) may wait in a cap's queue before drops.
     :param mtu: MTU of the test links.
+    :param nat: hosts behind a home router, ``{index: "keep" | "random"}``. Such a host's namespace becomes
+        the router (its switch address is the router's WAN address, :meth:`addr`) and the programs of
+        :meth:`run` run in a home namespace behind it (address :meth:`home_addr`): outbound connections are
+        masqueraded (``keep``: source ports kept where free, so hole punching can work; ``random``: a random
+        port per connection, as carrier-grade NATs do), unsolicited inbound ones are dropped. Needs the
+        ``iptables`` command (Debian package ``iptables``).
     """
 
     def __init__(self, n_hosts: int, bandwidth_mbit: float | Sequence[float | None] | None = None, *,
-                 burst_ms: float = 5.0, queue_ms: float = 50.0, mtu: int = 1500):
+                 burst_ms: float = 5.0, queue_ms: float = 50.0, mtu: int = 1500, nat: dict[int, str] | None = None):
         if isinstance(n_hosts, bool) or not isinstance(n_hosts, int) or not 1 <= n_hosts <= MAX_HOSTS:
             raise ValueError(f"n_hosts must be an int in 1..{MAX_HOSTS}, got {n_hosts!r}")
         caps = list(bandwidth_mbit) if isinstance(bandwidth_mbit, (list, tuple)) else [bandwidth_mbit] * n_hosts
@@ -153,11 +159,16 @@ class Topology:
         if not burst_ms > 0 or not queue_ms > 0:
             raise ValueError("burst_ms and queue_ms must be positive")
         self.n_hosts, self.caps, self.burst_ms, self.queue_ms, self.mtu = n_hosts, caps, burst_ms, queue_ms, mtu
+        self.nat = dict(nat or {})
+        for i, kind in self.nat.items():
+            if not (isinstance(i, int) and 0 <= i < n_hosts) or kind not in ("keep", "random"):
+                raise ValueError(f"nat maps host indices to 'keep' or 'random', got {i!r}: {kind!r}")
         serial = next(_counter)
         self.name = f"{PREFIX}{os.getpid()}-{serial}"
         self.subnet_octet = (os.getpid() * 7 + serial) % 256
         self.switch = f"{self.name}-sw"
         self.hosts = [f"{self.name}-h{i}" for i in range(n_hosts)]
+        self.homes = {i: f"{self.name}-l{i}" for i in self.nat}
         self._token = f"{os.getpid() % 0xFFFF:04x}{serial % 256:02x}"  # veth names are made in the root ns
         self._procs: list[subprocess.Popen] = []
         self._created: list[str] = []
@@ -170,10 +181,16 @@ class Topology:
         self._check_index(i)
         return f"198.18.{self.subnet_octet}.{i + 1}"
 
-    def netns(self, i: int) -> str:
-        """Name of host ``i``'s namespace (for ``ip netns exec NAME ...``)."""
+    def home_addr(self, i: int) -> str:
+        """The address host ``i``'s programs have behind its NAT router (its :meth:`addr` if it has none)."""
         self._check_index(i)
-        return self.hosts[i]
+        return f"10.{self.subnet_octet}.{i}.2" if i in self.nat else self.addr(i)
+
+    def netns(self, i: int) -> str:
+        """Name of the namespace host ``i``'s programs run in (for ``ip netns exec NAME ...``): the home
+        behind its router if it has one."""
+        self._check_index(i)
+        return self.homes.get(i, self.hosts[i])
 
     def command(self, i: int, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed so that it runs in host ``i``'s namespace."""
@@ -253,6 +270,41 @@ class Topology:
             if self.caps[i] is not None:
                 self._cap(host, "eth0", self.caps[i])
                 self._cap(self.switch, f"p{i}", self.caps[i])
+            if i in self.nat:
+                self._build_home(i)
+
+    def _build_home(self, i: int) -> None:
+        router, home = self.hosts[i], self.homes[i]
+        lan = f"10.{self.subnet_octet}.{i}"
+        self._add_netns(home)
+        _ip("link", "set", "lo", "up", netns=home)
+        r_end, h_end = f"v{self._token}r{i}", f"v{self._token}l{i}"
+        _ip("link", "add", r_end, "mtu", str(self.mtu), "type", "veth", "peer", "name", h_end, "mtu", str(self.mtu))
+        try:
+            _ip("link", "set", r_end, "netns", router)
+            _ip("link", "set", h_end, "netns", home)
+        except NetnsError:
+            _ip("link", "del", r_end, check=False)
+            raise
+        _ip("link", "set", r_end, "name", "lan0", netns=router)
+        _ip("link", "set", h_end, "name", "eth0", netns=home)
+        _ip("addr", "add", f"{lan}.1/24", "dev", "lan0", netns=router)
+        _ip("addr", "add", f"{lan}.2/24", "dev", "eth0", netns=home)
+        _ip("link", "set", "lan0", "up", netns=router)
+        _ip("link", "set", "eth0", "up", netns=home)
+        _ip("route", "add", "default", "via", f"{lan}.1", netns=home)
+        masquerade = ["-j", "MASQUERADE"] + (["--random-fully"] if self.nat[i] == "random" else [])
+        for argv in (["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                     ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", *masquerade],
+                     ["iptables", "-A", "FORWARD", "-i", "eth0", "-m", "state", "--state", "ESTABLISHED,RELATED",
+                      "-j", "ACCEPT"],
+                     ["iptables", "-A", "FORWARD", "-i", "eth0", "-j", "DROP"],
+                     ["iptables", "-A", "INPUT", "-i", "eth0", "-m", "state", "--state", "ESTABLISHED,RELATED",
+                      "-j", "ACCEPT"],
+                     ["iptables", "-A", "INPUT", "-i", "eth0", "-j", "DROP"]):
+            proc = subprocess.run(["ip", "netns", "exec", router, *argv], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise NetnsError(f"`{' '.join(argv)}` in {router} failed: {proc.stderr.strip()}")
 
     def _add_netns(self, name: str) -> None:
         _ip("netns", "add", name)

@@ -41,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="file with this peer's private key; created on first run so the peer ID "
                           "stays the same across restarts (default: a new identity every run)")
     net.add_argument("--client-mode", action="store_true",
-                     help="do not accept incoming connections (for peers behind NAT): "
-                          "this peer only calls others and is never in their routing tables")
+                     help="do not listen at all: this peer only calls others, hosts nothing they can call and "
+                          "is never in their routing tables. Not needed behind a NAT: a peer finds out by itself "
+                          "whether others can dial it, and if not, is reachable through relays")
+    net.add_argument("--no-relay", dest="relay_service", action="store_false",
+                     help="when publicly reachable, do not relay for peers behind NATs (by default a public "
+                          "peer relays, within limits: 128 reservations, 64 circuits, 100 Mbit/s in all)")
     net.add_argument("--bulk-port", type=int, default=0, metavar="PORT",
                      help="TCP port for big transfers (averaging, state downloads), which go beside libp2p on "
                           "their own encrypted sockets at ~10x less CPU per byte; 0 (default) picks a free port "
@@ -206,8 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         dht = DHT(initial_peers=args.initial_peers, node_config=NodeConfig(
             swarm=args.swarm, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
             identity_path=args.identity, client_mode=args.client_mode, psk=args.psk, allowed_peers=args.allow_peers,
-            bulk_port=args.bulk_port))
-        if dht.addrs:
+            bulk_port=args.bulk_port, relay_service=args.relay_service))
+        if dht.node.reachability == "private":   # behind a NAT: others join through a public peer, not us
+            print(f"Joined swarm {args.swarm!r} from behind a NAT as {dht.peer_id}, reachable through "
+                  f"{len(dht.addrs)} relays: " + (" ".join(dht.addrs) or "none yet"), flush=True)
+            if args.initial_peers:
+                print("To join this swarm, run:\n  " + join_command(args.initial_peers, args.swarm), flush=True)
+        elif dht.addrs:
             print("To join this swarm, run:\n  " + join_command(dht.addrs, args.swarm), flush=True)
             print("All addresses of this peer: " + " ".join(dht.addrs), flush=True)
         else:

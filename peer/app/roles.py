@@ -28,6 +28,9 @@ def software_version() -> str:
         return "unknown"
 
 
+REACHABILITY = {"client": "client mode", "private": "behind NAT (relayed)", "public": "public"}
+
+
 class InfoPublisher:
     """Publishes this peer's ``peers.info`` record (version, roles, reachability, start time) every ``every`` s.
 
@@ -36,7 +39,7 @@ class InfoPublisher:
     def __init__(self, dht, roles: list[str], every: float = 30.0):
         self.dht, self.every, self.stop = dht, every, threading.Event()
         self.record = {"version": software_version(), "roles": roles, "started": get_dht_time(),
-                       "reachability": "private (client mode)" if dht.client_mode else "public"}
+                       "reachability": REACHABILITY.get(dht.node.reachability, dht.node.reachability)}
         self.thread = threading.Thread(target=self._run, name="peer-info", daemon=True)
         self.thread.start()
 

@@ -236,12 +236,25 @@ class ExpertServer:
         return accepted
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await trio.sleep(self.heartbeat)
-            try:
-                await self._declare()
-            except Exception as e:  # the next beat retries; declarations live `expiration` seconds
-                logger.warning("Declaring experts failed: %s: %s", type(e).__name__, e)
+        # behind a NAT our addresses are those of our relays: when one dies and we move, trainers must learn
+        # the new circuit addresses now, not at the next beat
+        moved = [trio.Event()]
+
+        def on_move(addrs: list[str]) -> None:
+            moved[0].set()
+
+        self.node.on_addrs_changed.append(on_move)
+        try:
+            while True:
+                with trio.move_on_after(self.heartbeat):
+                    await moved[0].wait()
+                moved[0] = trio.Event()
+                try:
+                    await self._declare()
+                except Exception as e:  # the next beat retries; declarations live `expiration` seconds
+                    logger.warning("Declaring experts failed: %s: %s", type(e).__name__, e)
+        finally:
+            self.node.on_addrs_changed.remove(on_move)
 
     # ---------------------------------------------------------------- RPC handlers
     def _parse(self, args: Any, *fields: str) -> tuple[str, ExpertBackend, list[torch.Tensor]]:
