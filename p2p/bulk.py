@@ -292,6 +292,8 @@ class BulkPlane:
         """A bulk socket to ``peer_id`` for ``service``, or None (then use a libp2p stream)."""
         if self._unreachable.get(peer_id, 0.0) > trio.current_time():
             return None
+        if self.host.behind_nat(peer_id):   # its bulk port sits behind its router: use the libp2p connection
+            return None
         started = trio.current_time()
         try:
             reply = await call(self.host, peer_id, SERVICE, "open", {"service": service, "version": version},

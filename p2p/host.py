@@ -76,6 +76,8 @@ class Host:
         self.private = False
         self.circuit_addrs: list[str] = []
         self._circuit_dials: dict[str, trio.Lock] = {}
+        #: called with the peer ID after we opened a circuit to it (the node starts a hole punch)
+        self.on_circuit: Callable[[ID], None] | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._handlers: dict[TProtocol, StreamHandler] = {}
         self._refused: set[str] = set()  # peers whose refusal was logged already
@@ -109,6 +111,14 @@ class Host:
                 yield self
             finally:
                 self._token = None
+                # say goodbye: without it the sockets stay open until garbage collection, and peers (a relay
+                # holding our circuits) keep them as live connections
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    for peer in list(network.connections):
+                        try:
+                            await network.close_peer(peer)
+                        except Exception:
+                            pass
 
     # ---------------------------------------------------------------- addresses and dialing
     @property
@@ -167,22 +177,33 @@ class Host:
     def is_connected(self, peer_id: str) -> bool:
         return bool(self.libp2p and open_connections(self.libp2p, ID.from_base58(peer_id)))
 
-    def is_relayed(self, peer_id: str) -> bool:
-        """Whether our connection to ``peer_id`` runs through a relay (:mod:`p2p.relay`)."""
+    def _direct_connections(self, peer_id: str) -> list:
+        out = []
         for conn in open_connections(self.libp2p, ID.from_base58(peer_id)):
             try:
-                if any(is_circuit(a) for a in conn.get_transport_addresses()):
-                    return True
+                if not any(is_circuit(a) for a in conn.get_transport_addresses()):
+                    out.append(conn)
             except Exception:
                 continue
-        return False
+        return out
+
+    def is_relayed(self, peer_id: str) -> bool:
+        """Whether we reach ``peer_id`` only through a relay (:mod:`p2p.relay`): connected, but not directly
+        (a punched connection counts as direct, and new streams take it)."""
+        return self.is_connected(peer_id) and not self._direct_connections(peer_id)
+
+    def behind_nat(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` announced circuit addresses (it is behind a NAT: of its ports, only what a hole
+        punch opened can be dialed)."""
+        try:
+            return any(is_circuit(a) for a in self.libp2p.get_peerstore().addrs(ID.from_base58(peer_id)))
+        except Exception:
+            return False
 
     def remote_ip(self, peer_id: str) -> str | None:
         """The IP address of our current direct libp2p connection to ``peer_id`` (None if not connected, or
         only through a relay: the address there is the relay's)."""
-        if self.is_relayed(peer_id):
-            return None
-        for conn in self.libp2p.get_network().get_connections(ID.from_base58(peer_id)):
+        for conn in self._direct_connections(peer_id):
             try:
                 address = conn.muxed_conn.get_remote_address()
             except Exception:
@@ -314,9 +335,12 @@ class Host:
         for addr in circuits:
             try:
                 await dial_circuit(self.libp2p, addr, timeout)
-                return
             except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
+                continue
+            if self.on_circuit is not None:
+                self.on_circuit(pid)
+            return
         raise PeerUnreachable(f"no relay gave a circuit to {pid.to_base58()[-8:]}: {'; '.join(errors)}")
 
     async def drop_connection(self, peer_id: str, why: str) -> None:

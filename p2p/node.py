@@ -69,6 +69,8 @@ class Node:
         self.reachability = "client" if c.client_mode else "unknown"
         self.relay_protocol = None           # py-libp2p's circuit relay service: hop (public) or stop only
         self.relay_client: RelayClient | None = None
+        self.dcutr = None                    # hole punching over relayed connections (private peers)
+        self.punches: list[tuple[bool, float]] = []   # (direct?, seconds) of the punches we started
         #: public peers to reserve relay slots on, ``[(peer_id, [addr, ...])]``; the DHT replaces it with
         #: its routing table
         self.relay_candidates: Callable[[], Sequence[tuple[str, Sequence[str]]]] = lambda: []
@@ -254,6 +256,10 @@ class Node:
         self.reachability, self.client_mode, self.host.private = PRIVATE, True, True
         self.relay_protocol = make_stop(self.host.libp2p)
         await self._nursery.start(self._run_service, self.relay_protocol)
+        from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+        self.dcutr = DCUtRProtocol(self.host.libp2p, dial_timeout=int(timeout))
+        await self._nursery.start(self._run_service, self.dcutr)
+        self.host.on_circuit = lambda pid: self._tasks.spawn(self._punch, pid)
 
         def candidates():
             return list(initial.items()) + [c for c in self.relay_candidates() if c[0] not in initial]
@@ -271,6 +277,24 @@ class Node:
         if not self.host.circuit_addrs:
             logger.warning("Behind a NAT and no relay gave us a slot yet: we can call others, but nobody can "
                            "call us until one does (forward a port and use --announce-maddrs to skip relays)")
+
+    async def _punch(self, pid) -> None:
+        """Hole punching (DCUtR, py-libp2p's) right after we opened a circuit: both peers learn each other's
+        public address over the circuit, measure its round trip and dial at once from their listen ports
+        (a TCP simultaneous open through both NATs); the swarm then prefers the direct connection for new
+        streams and closes the circuit a minute later. Behind a port-randomising NAT it fails and traffic
+        stays on the circuit. Its own loop also drives punches for circuits others opened to us."""
+        started = trio.current_time()
+        try:
+            ok = await self.dcutr.initiate_hole_punch(pid)
+        except Exception as e:
+            logger.debug("Hole punch to %s failed: %s: %s", pid.to_base58()[-8:], type(e).__name__, e)
+            ok = False
+        ok = ok and not self.host.is_relayed(pid.to_base58())
+        self.punches.append((ok, trio.current_time() - started))
+        del self.punches[:-1000]
+        logger.info("Hole punch to %s: %s in %.2fs", pid.to_base58()[-8:], "direct" if ok else "failed, relayed",
+                    trio.current_time() - started)
 
     @staticmethod
     async def _run_service(service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -118,6 +118,7 @@ class _Hop(CircuitV2Protocol):
         super().__init__(host, limits=limits.for_libp2p(), allow_hop=True)
         self.our_limits, self.is_allowed = limits, is_allowed
         self.open_circuits = 0
+        self._directions: dict[frozenset, list[trio.CancelScope]] = {}   # a circuit's two copy loops
         self.refused = 0
         self.bucket = TokenBucket(limits.total_mbit * 1e6 / 8) if limits.total_mbit else None
 
@@ -150,7 +151,25 @@ class _Hop(CircuitV2Protocol):
 
     async def _relay_data(self, src_stream, dst_stream, peer_id, deadline=None, circuit_data_limit=None) -> None:
         """Copy one direction of one circuit until either side ends, its time or bytes run out; then reset
-        both of *its* streams (the library's version closes the last circuit of that peer instead)."""
+        both of *its* streams and stop the other direction (the library's version closes the last circuit of
+        that peer instead, and a read pending on a reset stream is not woken: the circuit's slot stayed taken)."""
+        key = frozenset((id(src_stream), id(dst_stream)))
+        scope = trio.CancelScope()
+        self._directions.setdefault(key, []).append(scope)
+        try:
+            with scope:
+                await self._copy(src_stream, dst_stream, peer_id, deadline, circuit_data_limit)
+        finally:
+            for other in self._directions.pop(key, []):
+                other.cancel()
+            for s in (src_stream, dst_stream):
+                with trio.CancelScope(shield=True), trio.move_on_after(self.close_timeout):
+                    try:
+                        await s.reset()
+                    except Exception:
+                        pass
+
+    async def _copy(self, src_stream, dst_stream, peer_id, deadline, circuit_data_limit) -> None:
         try:
             while True:
                 if deadline is not None and time.monotonic() > deadline:
@@ -174,13 +193,6 @@ class _Hop(CircuitV2Protocol):
                     await dst_stream.write(data)
         except Exception as e:
             logger.debug("Relaying for %s stopped: %s: %s", peer_id, type(e).__name__, e)
-        finally:
-            for s in (src_stream, dst_stream):
-                with trio.CancelScope(shield=True), trio.move_on_after(self.close_timeout):
-                    try:
-                        await s.reset()
-                    except Exception:
-                        pass
 
 
 def make_hop(libp2p_host, limits: RelayLimits, is_allowed) -> CircuitV2Protocol:

@@ -122,3 +122,24 @@ def start_js_relay(listen: str, prefix: list[str] = ()) -> tuple[subprocess.Pope
         proc.kill()
         raise RuntimeError(f"js relay did not start: {line}{proc.stdout.read()[-2000:]}")
     return proc, line.split()[1]
+
+
+def punch_trials(swarm: NatSwarm, listen_host: int, dial_host: int, attempts: int, wait: float = 30.0) -> dict:
+    """Run ``testbed/punch_worker.py`` (see there) with the listener in ``listen_host``'s home and the dialer in
+    ``dial_host``'s, through the swarm's bootstrap as relay; returns the dialer's JSON report."""
+    import json
+    worker = [sys.executable, str(REPO / "testbed" / "punch_worker.py")]
+    relay = swarm.join[1]
+    listener = swarm.topo.run(listen_host, [*worker, "listen", "--relay", relay], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        target = json.loads(listener.stdout.readline())["addrs"][0]
+        proc = subprocess.run(swarm.topo.command(dial_host, [*worker, "dial", "--relay", relay, "--target", target,
+                                                             "--attempts", str(attempts), "--wait", str(wait)]),
+                              capture_output=True, text=True, timeout=attempts * (wait + 10) + 30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"punch_worker dial failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        listener.kill()
+        listener.wait(5)

@@ -124,3 +124,18 @@ def test_home_peers_reserve_on_a_js_libp2p_relay_and_reach_each_other_through_it
         finally:
             js.kill()
             js.wait(5)
+
+
+def test_hole_punching_between_port_keeping_homes_and_the_relay_where_it_cannot(tmp_path):
+    """DCUtR between two port-keeping homes: at least 19 of 20 punches give a direct connection; from a
+    port-randomising home the punch fails, and the calls made meanwhile go over the relay without waiting."""
+    from testbed.nat_swarm import punch_trials
+    with NatSwarm(["public", "keep", "keep", "random"], tmp_path) as swarm:
+        swarm.start(0, "boot")
+        keep = punch_trials(swarm, 1, 2, attempts=20)
+        assert keep["direct"] >= 19, keep
+        assert keep["median_s"] <= 2.0, keep
+        assert keep["direct_ms"] is not None and keep["relayed_ms"] is not None, keep
+        random_nat = punch_trials(swarm, 1, 3, attempts=1)
+        assert random_nat["direct"] == 0, random_nat
+        assert max(random_nat["first_call_s"]) < 5.0, random_nat
