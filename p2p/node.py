@@ -241,7 +241,7 @@ class Node:
         verdict, answers = await check_reachability(self.host.libp2p, list(servers), self.host.listen_addrs(),
                                                     timeout)
         if verdict == PRIVATE:
-            await self._go_private(servers, timeout)
+            await self.become_private(servers, timeout)
         else:
             self.reachability = PUBLIC
             self.relay_protocol = make_hop(self.host.libp2p, self.config.relay_limits, self.is_allowed) \
@@ -252,7 +252,10 @@ class Node:
                     "; relaying for others" if self.reachability == PUBLIC and self.config.relay_service else "")
         return self.reachability
 
-    async def _go_private(self, initial: dict[str, list[str]], timeout: float) -> None:
+    async def become_private(self, initial: dict[str, list[str]], timeout: float) -> None:
+        """Act on a private verdict: accept circuits, punch holes, hold relay slots (on ``initial``,
+        ``{peer_id: [addr]}``, first) and announce the circuit addresses. :meth:`settle_reachability` calls
+        it; tests and tools that know the peer is behind a NAT call it directly."""
         self.reachability, self.client_mode, self.host.private = PRIVATE, True, True
         self.relay_protocol = make_stop(self.host.libp2p)
         await self._nursery.start(self._run_service, self.relay_protocol)

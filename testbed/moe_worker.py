@@ -60,7 +60,8 @@ def ours_server(args: argparse.Namespace) -> tuple[dict, Any, Any]:
     from peer.hosting.config import HostingConfig
     from peer.hosting.server import ExpertServer, create_experts
     import torch
-    dht = DHT(initial_peers=args.initial_peers, node_config=NodeConfig(host_maddrs=LOOPBACK))
+    dht = DHT(initial_peers=args.initial_peers,
+              node_config=NodeConfig(host_maddrs=[args.listen] if args.listen else LOOPBACK))
     optimizer = lambda params: torch.optim.Adam(params, lr=1e-3, fused=args.optimizer == "adam-fused")  # noqa: E731
     experts = create_experts("ffn", args.uids, args.hidden, device=args.device, optimizer_factory=optimizer)
     server = ExpertServer(dht, experts, HostingConfig(batch_window_ms=args.batch_window_ms))
@@ -83,14 +84,15 @@ def ours_client(args: argparse.Namespace) -> tuple[dict, Any, Any]:
     import torch
     from dht import DHT
     from peer.moe.remote import RemoteMixtureOfExperts
-    dht = DHT(initial_peers=args.initial_peers, node_config=NodeConfig(client_mode=True))
+    dht = DHT(initial_peers=args.initial_peers,
+              node_config=NodeConfig(host_maddrs=[args.listen]) if args.listen else NodeConfig(client_mode=True))
     layers: dict[int, Any] = {}
 
     def handle(cmd: dict) -> dict:
         if cmd["cmd"] != "bench":
             raise ValueError(f"unknown command {cmd['cmd']!r}")
         if cmd["k"] not in layers:
-            layers[cmd["k"]] = RemoteMixtureOfExperts(args.hidden, (args.grid,), dht, "expert", k_best=cmd["k"],
+            layers[cmd["k"]] = RemoteMixtureOfExperts(args.hidden, (args.grid,), dht, args.prefix, k_best=cmd["k"],
                                                       k_min=1, on_failure="mask")
         moe = layers[cmd["k"]]
         result = bench_loop(moe, torch, cmd["batch"], args.hidden, cmd["steps"], cmd["warmup"])
@@ -147,6 +149,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--grid", type=int, default=4, help="experts in the (1-D) grid, client only")
     parser.add_argument("--initial-peers", nargs="*", default=[])
+    parser.add_argument("--listen", default=None, help="listen multiaddr (default: loopback; a client: none)")
+    parser.add_argument("--prefix", default="expert", help="uid prefix of the experts a client calls")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--batch-window-ms", type=float, default=0.0)

@@ -60,6 +60,7 @@ class NatSwarm:
 
     def __init__(self, kinds: list[str], tmp: Path, *, swarm: str = "nat"):
         self.kinds, self.tmp, self.swarm_name = kinds, Path(tmp), swarm
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self.topo = Topology(len(kinds), nat={i: k for i, k in enumerate(kinds) if k != "public"})
         self.peers: list[PeerProcess] = []
         self.join: list[str] = []

@@ -33,7 +33,7 @@ async def echo(ctx, args):
 def private_node(relay: str, port: int) -> Node:
     node = Node(NodeConfig(host_maddrs=[f"/ip4/0.0.0.0/tcp/{port}"]))
     node.serve("echo", {"echo": echo})
-    node.run(node._go_private, {relay.rsplit("/p2p/", 1)[1]: [relay]}, 10.0)
+    node.run(node.become_private, {relay.rsplit("/p2p/", 1)[1]: [relay]}, 10.0)
     return node
 
 

@@ -45,7 +45,7 @@ def relay_and_home(nodes, limits: RelayLimits = RelayLimits()):
     assert relay.run(relay.settle_reachability, []) == PUBLIC   # nobody to ask: the first peer is public
     home = nodes()
     home.serve("echo", {"echo": echo})
-    home.run(home._go_private, {relay.peer_id: relay.addrs}, 5.0)
+    home.run(home.become_private, {relay.peer_id: relay.addrs}, 5.0)
     return relay, home
 
 
@@ -173,7 +173,7 @@ def test_a_js_libp2p_relay_serves_our_private_peers():
     try:
         home = Node(LOOPBACK)
         home.serve("echo", {"echo": echo})
-        home.run(home._go_private, {relay_addr.rsplit("/p2p/", 1)[1]: [relay_addr]}, 5.0)
+        home.run(home.become_private, {relay_addr.rsplit("/p2p/", 1)[1]: [relay_addr]}, 5.0)
         assert home.addrs == [f"{relay_addr}/p2p-circuit/p2p/{home.peer_id}"]
         caller = Node(LOOPBACK)
         caller.add_addrs(home.peer_id, home.addrs)
