@@ -27,6 +27,7 @@ from p2p import ServiceLimits
 from p2p.rpc import CallContext
 
 from .allreduce import AllReduceRound
+from .bandwidth import UploadEstimate
 from .bans import BanList
 from .checks import all_finite, max_abs
 from .compression import choose_compression, default_chunk_elems
@@ -120,6 +121,7 @@ class Averager:
         self.dht, self.node, self.prefix = dht, dht.node, prefix
         self.peer_id, self.client_mode = dht.peer_id, dht.client_mode
         self.bandwidth = float(c.bandwidth or NOMINAL_BANDWIDTH) * 1e6   # bytes/s
+        self.upload = UploadEstimate()   # measured from our rounds; announced when none was declared
         self.buffer = FlatBuffer(tensors)
         self.results = [torch.empty_like(self.buffer.buffer), torch.empty_like(self.buffer.buffer)]
         self.round_config = round_config(c, self.buffer.numel, f"averager.{prefix}")
@@ -205,6 +207,7 @@ class Averager:
                                    **{k: t - started for k, t in round_.stats.timeline.items()}}
                 if result.ok:
                     result.contributors = list(round_.contributors)
+                self._measure_upload(result)
                 self.tasks.spawn(self._forget_round, round_.round_id)
             if scope.cancelled_caught:
                 result.ok, result.reason = False, f"round did not finish within {budget:.1f}s"
@@ -222,6 +225,17 @@ class Averager:
             if result.ok:
                 round_.feedback.adopt()
             return self._finish(result, started)
+
+    def _measure_upload(self, result: StepResult) -> None:
+        """Feed the round's send phase to :attr:`upload`; without a declared bandwidth, announce the estimate
+        from the next round on (:mod:`averaging.bandwidth`)."""
+        if "sent" not in result.timeline:
+            return
+        self.upload.add(result.bytes_sent, result.timeline["sent"] - result.timeline["group"])
+        measured = self.upload.bytes_per_s
+        if self.config.bandwidth is None and measured is not None:
+            self.bandwidth = measured
+            self.matchmaker.me = Member(self.peer_id, measured, self.client_mode)
 
     def _default_timeout(self) -> float:
         return step_timeout(self.config, self.round_config, self.buffer.numel, self.matchmaker.deadlines)

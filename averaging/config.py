@@ -20,8 +20,9 @@ class AveragerConfig:
         instead of fighting over the uplink's queue (``bench/allreduce.py --netns --bandwidth-mbit 100``, 4 peers:
         all-reduce in 1.07x the bound, against 1.29x unpaced). Declare no more than the link has: pacing
         never sends faster.
-        None (default): parts are sized as if every member had ``NOMINAL_BANDWIDTH``, and nothing is
-        paced. Client-mode peers (behind NAT) contribute but own no part.
+        None (default): measured (:mod:`averaging.bandwidth`): the first round sizes parts as if every member
+        had ``NOMINAL_BANDWIDTH``, later ones by the upload rate our rounds showed; nothing is paced.
+        Client-mode and private peers (behind NAT) contribute but own no part.
     :param matchmaking_time: how long to wait for peers to show up before averaging with those present.
     :param chunk_timeout: deadline for each chunk/keepalive exchange; None derives it from the chunk size
         and bandwidth. A member silent for that long is dropped from the round.

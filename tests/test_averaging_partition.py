@@ -183,3 +183,39 @@ def test_pacing_rates_split_the_bandwidth_so_each_phase_ends_together():
     assert all((b - a) / r == pytest.approx(70 / 9.0) for (a, b), r in zip(parts[1:3], uploads[1:3]))
     assert result == 3.0                                     # our part goes to the 3 others
     assert pacing_rates(parts, 1, None) == ([], None)
+
+
+def test_upload_estimate_is_the_best_recent_round_and_ignores_tiny_sends():
+    from averaging.bandwidth import MIN_BYTES, WINDOW, UploadEstimate
+    est = UploadEstimate()
+    assert est.bytes_per_s is None
+    est.add(MIN_BYTES - 1, 0.001)                 # a round trip, not the uplink
+    est.add(10 << 20, 0.0)
+    assert est.bytes_per_s is None
+    est.add(10 << 20, 1.0)
+    est.add(10 << 20, 2.0)                         # a round that waited on a slow receiver
+    assert est.bytes_per_s == 10 << 20
+    for _ in range(WINDOW):                        # the link got slower: the old best ages out
+        est.add(1 << 20, 1.0)
+    assert est.bytes_per_s == 1 << 20
+
+
+def test_an_averager_without_a_declared_bandwidth_announces_what_its_rounds_measured():
+    from averaging import Averager
+    from averaging.averager import NOMINAL_BANDWIDTH, StepResult
+    from averaging.config import AveragerConfig
+    from dht import DHT
+    from p2p import NodeConfig
+
+    dht = DHT(node_config=NodeConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+    try:
+        measured = Averager([torch.zeros(8)], dht, "measured")
+        declared = Averager([torch.zeros(8)], dht, "declared", AveragerConfig(bandwidth=5.0))
+        assert measured.matchmaker.me.bandwidth == NOMINAL_BANDWIDTH * 1e6
+        round_ = StepResult(ok=True, bytes_sent=30 << 20, timeline={"group": 0.5, "sent": 3.5})
+        for averager in (measured, declared):
+            averager._measure_upload(round_)
+        assert measured.matchmaker.me.bandwidth == pytest.approx((30 << 20) / 3.0)
+        assert declared.matchmaker.me.bandwidth == 5e6 and declared.upload.bytes_per_s == pytest.approx((30 << 20) / 3)
+    finally:
+        dht.shutdown()

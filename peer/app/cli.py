@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bandwidth", type=float, default=None, metavar="MB_S",
                        help="this machine's upload bandwidth in MB/s (100 Mbit = 12.5): the part of each averaging "
                             "round this peer reduces is sized by it, and its transfers are paced to it, which keeps "
-                            "a capped link busy (default: not declared, no pacing)")
+                            "a capped link busy (default: measured from this peer's averaging rounds, for part sizes only; "
+                            "no pacing)")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per local step")
     train.add_argument("--max-samples", type=int, default=None, help="stop after this many local samples")
     train.add_argument("--shard", default="0/1", metavar="I/N",
