@@ -70,6 +70,7 @@ class Host:
         self.allowed_peers = allowed_peers
         self.max_streams_per_peer = max_streams_per_peer
         self.stream_pool = StreamPool()
+        self.stream_pool.usable = self._on_current_route
         self.libp2p = None
         #: set by the node once it knows it is behind a NAT: it then announces these circuit addresses
         #: (:class:`~p2p.relay_client.RelayClient`) instead of its listen addresses
@@ -186,6 +187,15 @@ class Host:
             except Exception:
                 continue
         return out
+
+    def _on_current_route(self, stream: FramedStream) -> bool:
+        """False for a stream over a relay to a peer we now also reach directly (see :class:`StreamPool`)."""
+        conn = getattr(stream.raw, "muxed_conn", None)
+        try:
+            relayed = conn is not None and any(is_circuit(a) for a in conn.get_transport_addresses())
+        except Exception:
+            return True
+        return not (relayed and self._direct_connections(stream.peer_id))
 
     def is_relayed(self, peer_id: str) -> bool:
         """Whether we reach ``peer_id`` only through a relay (:mod:`p2p.relay`): connected, but not directly

@@ -19,12 +19,15 @@ class StreamPool:
     def __init__(self, max_idle: float = 20.0, max_per_peer: int = 8):
         self.max_idle, self.max_per_peer = max_idle, max_per_peer
         self._idle: dict[tuple[str, str, str], list[tuple[float, FramedStream]]] = {}
+        #: whether an idle stream still rides the connection new streams would take (the host sets it: a
+        #: stream opened over a relay is not reused once a hole punch gave a direct connection)
+        self.usable = lambda stream: True
 
     def take(self, key: tuple[str, str, str]) -> FramedStream | None:
         streams, now = self._idle.get(key), trio.current_time()
         while streams:
             stamp, stream = streams.pop()
-            if now - stamp < self.max_idle:
+            if now - stamp < self.max_idle and self.usable(stream):
                 return stream
         return None
 
