@@ -112,14 +112,6 @@ class Host:
                 yield self
             finally:
                 self._token = None
-                # say goodbye: without it the sockets stay open until garbage collection, and peers (a relay
-                # holding our circuits) keep them as live connections
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    for peer in list(network.connections):
-                        try:
-                            await network.close_peer(peer)
-                        except Exception:
-                            pass
 
     # ---------------------------------------------------------------- addresses and dialing
     @property

@@ -37,6 +37,16 @@ def private_node(relay: str, port: int) -> Node:
     return node
 
 
+def hang_up(node: Node) -> None:
+    """Close the node's connections, as its process exiting would (a stopped node's sockets otherwise stay
+    open until garbage collection, and the relay would keep this attempt's circuit)."""
+    async def close_all():
+        network = node.host.libp2p.get_network()
+        for peer in list(network.connections):
+            await network.close_peer(peer)
+    node.run(close_all, timeout=5.0)
+
+
 def rtt_ms(node: Node, peer: str, n: int = 20) -> float:
     times = []
     for _ in range(n):
@@ -70,6 +80,7 @@ def dial(args) -> dict:
                 if out["direct_ms"] is None:
                     out["direct_ms"] = round(rtt_ms(node, target), 2)
         finally:
+            hang_up(node)
             node.stop()
     out["success_rate"] = out["direct"] / args.attempts
     out["median_s"] = statistics.median(out["seconds"]) if out["seconds"] else None

@@ -63,7 +63,7 @@ def test_four_trainers_three_behind_nats_average_every_round(tmp_path):
             assert "Reachability: private" in log, log[-2000:]
             ok, failed = map(int, FINAL.findall(log)[-1])
             assert ok == 4 and failed == 0, f"{t.name}: {ok} ok / {failed} failed\n{log[-3000:]}"
-        assert "Averaging step 2: ok with 4 peers" in trainers[0].log()
+        assert trainers[0].log().count("ok with 4 peers") >= 4, trainers[0].log()[-3000:]   # the same rounds
         anchors = [torch.load(c / "trainer.pt", weights_only=False)["anchor"] for c in ckpt[1:]]
         for other in anchors[1:]:
             assert all(torch.equal(a, b) for a, b in zip(anchors[0], other))
