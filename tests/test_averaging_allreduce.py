@@ -178,7 +178,7 @@ def test_out_of_range_sender_is_excluded_and_banned(bootstrap, tmp_path):
     range: every honest owner excludes its contributions and bans it; the part it owns comes back out of
     range too, so the honest members refuse it and re-reduce it among themselves: all hold the honest mean."""
     n, size = 4, 50_000
-    specs = [dict(size=size, seed=i, group=n, matchmaking_time=3, max_abs_value=100.0) for i in range(n)]
+    specs = [dict(size=size, seed=i, group=n, matchmaking_time=6, max_abs_value=100.0) for i in range(n)]
     specs[3].update(scale=1000.0, max_abs_value=None)
     results, tensors, ids = run_group(bootstrap, tmp_path, specs, with_ids=True)
     byzantine = ids[3]
