@@ -30,6 +30,7 @@ What we take from py-libp2p 0.8.1 and what we replace (measured in ``tests/test_
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits as LibRelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from .errors import PeerUnreachable
+from .limits import LogThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class _Hop(CircuitV2Protocol):
         self.open_circuits = 0
         self._directions: dict[frozenset, list[trio.CancelScope]] = {}   # a circuit's two copy loops
         self.refused = 0
+        self._full_log = LogThrottle(60.0)
         self.bucket = TokenBucket(limits.total_mbit * 1e6 / 8) if limits.total_mbit else None
 
     async def _handle_hop_stream(self, stream) -> None:
@@ -138,7 +141,9 @@ class _Hop(CircuitV2Protocol):
     async def _handle_connect(self, stream, msg) -> None:
         if self.open_circuits >= self.our_limits.circuits:
             self.refused += 1
-            logger.info("Relay full: refusing a circuit (%d open, the cap)", self.open_circuits)
+            if self._full_log.should_log("circuits"):
+                logger.info("Relay full: refusing circuits (%d open, the cap; %d refused so far)", self.open_circuits,
+                            self.refused)
             await self._send_status(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED,
                                     f"relay full: {self.open_circuits} circuits open")
             await self._close_stream(stream)     # a close, not a reset: the status must reach the caller
@@ -157,7 +162,8 @@ class _Hop(CircuitV2Protocol):
         scope = trio.CancelScope()
         self._directions.setdefault(key, []).append(scope)
         try:
-            with scope:
+            # the circuit's time limit also ends a circuit nobody sends on (a caller that vanished silently)
+            with scope, trio.move_on_after(max(0.0, deadline - time.monotonic()) if deadline else math.inf):
                 await self._copy(src_stream, dst_stream, peer_id, deadline, circuit_data_limit)
         finally:
             for other in self._directions.pop(key, []):

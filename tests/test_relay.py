@@ -185,3 +185,17 @@ def test_a_js_libp2p_relay_serves_our_private_peers():
                 n.stop()
         proc.kill()
         proc.wait(5)
+
+
+def test_a_circuit_ends_at_its_time_limit_even_when_nobody_sends(nodes):
+    """``circuit_seconds`` bounds a silent circuit too (a caller that vanished without closing its socket)."""
+    import time
+    relay, home = relay_and_home(nodes, RelayLimits(circuit_seconds=1))
+    caller = nodes()
+    caller.add_addrs(home.peer_id, home.addrs)
+    assert caller.call_sync(home.peer_id, "echo", "echo", b"a", timeout=10)["n"] == 1
+    assert relay.relay_protocol.open_circuits == 1
+    deadline = time.monotonic() + 5
+    while relay.relay_protocol.open_circuits and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert relay.relay_protocol.open_circuits == 0
