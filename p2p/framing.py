@@ -42,6 +42,16 @@ def unpack(data: bytes, max_bytes: int = 64 << 20) -> Any:
         raise ProtocolViolation(f"malformed msgpack message ({type(e).__name__}: {e})") from None
 
 
+async def end_raw(raw, *, reset: bool = False) -> None:
+    """Close (or reset) a raw libp2p stream within 1 s, also while our task is being cancelled; errors are
+    ignored, as in :meth:`FramedStream.close`: the exchange is over either way."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await (raw.reset() if reset else raw.close())
+        except Exception:
+            pass
+
+
 class FramedStream:
     """A libp2p stream that speaks frames; every wait is bounded by a deadline.
 

@@ -33,6 +33,7 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
+from .framing import end_raw
 from .limits import LogThrottle
 
 logger = logging.getLogger(__name__)
@@ -81,11 +82,7 @@ class AutoNATServer:
         except Exception as e:
             logger.debug("AutoNAT request failed: %s: %s", type(e).__name__, e)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await end_raw(stream)
 
     async def _answer(self, request: Message, stream) -> Message:
         response = Message(type=Message.DIAL_RESPONSE)
@@ -177,11 +174,7 @@ async def query(libp2p_host, server: str, addrs: Sequence[str], timeout: float) 
         return UNKNOWN
     finally:
         if stream is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await end_raw(stream)
     status = response.dialResponse.status
     if status == Message.OK:
         return PUBLIC

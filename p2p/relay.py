@@ -39,6 +39,7 @@ import trio
 from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -48,6 +49,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits as LibRelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from .errors import PeerUnreachable
+from .framing import end_raw
 from .limits import LogThrottle
 
 logger = logging.getLogger(__name__)
@@ -169,11 +171,7 @@ class _Hop(CircuitV2Protocol):
             for other in self._directions.pop(key, []):
                 other.cancel()
             for s in (src_stream, dst_stream):
-                with trio.CancelScope(shield=True), trio.move_on_after(self.close_timeout):
-                    try:
-                        await s.reset()
-                    except Exception:
-                        pass
+                await end_raw(s, reset=True)
 
     async def _copy(self, src_stream, dst_stream, peer_id, deadline, circuit_data_limit) -> None:
         try:
@@ -246,11 +244,7 @@ async def reserve(libp2p_host, relay_id: str, timeout: float) -> float:
             await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
             resp = await read_delimited_msg(stream, HopMessage)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await end_raw(stream)
     status = StatusCode(resp.status) if resp.HasField("status") else StatusCode.OK
     if status != StatusCode.OK:
         raise PeerUnreachable(f"relay {relay_id[-8:]} refused a reservation: {status.name}")
@@ -266,7 +260,6 @@ async def dial_circuit(libp2p_host, addr: str, timeout: float):
     relay_pid, target_pid = ID.from_base58(relay_id), ID.from_base58(target)
     with trio.fail_after(timeout):
         if not open_connections(libp2p_host, relay_pid):
-            from libp2p.peer.peerinfo import info_from_p2p_addr
             await libp2p_host.connect(info_from_p2p_addr(multiaddr.Multiaddr(relay_addr)))
         stream = await libp2p_host.new_stream(relay_pid, [HOP_PROTOCOL_ID])
         try:
@@ -281,11 +274,7 @@ async def dial_circuit(libp2p_host, addr: str, timeout: float):
                                 addresses=[circuit])
             conn = await libp2p_host.upgrade_outbound_connection(raw, target_pid)
         except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                try:
-                    await stream.reset()
-                except Exception:
-                    pass
+            await end_raw(stream, reset=True)
             raise
     try:
         conn.set_transport_info([circuit], ConnectionType.RELAYED)

@@ -19,8 +19,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+import multiaddr
 import trio
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from .relay import circuit_addr, is_circuit, open_connections, reserve
 
@@ -100,8 +102,6 @@ class RelayClient:
         try:
             with trio.fail_after(self.timeout):
                 if connect and not open_connections(self.libp2p, ID.from_base58(relay)):
-                    from libp2p.peer.peerinfo import info_from_p2p_addr
-                    import multiaddr
                     full = connect[0] if "/p2p/" in connect[0] else f"{connect[0]}/p2p/{relay}"
                     await self.libp2p.connect(info_from_p2p_addr(multiaddr.Multiaddr(full)))
                 expiry = await reserve(self.libp2p, relay, self.timeout)
