@@ -47,6 +47,10 @@ MULTISTREAM = b"/multistream/1.0.0\n"
 #: the first SYN, one resend and its answer on a link of up to ~1 s round trip, then calls the address closed.
 #: A NAT that drops the SYN costs a private peer this long to learn that it is private.
 PROBE_TIMEOUT = 2.5
+#: Once the connection is open the address is reachable; what is left is the identity check, answered by the
+#: requester's own listener. That process may be busy (starting up, or a laptop training at full load), so it
+#: gets longer than a round trip; the requester waits STREAM_TIMEOUT (10 s) for our answer, more than both.
+GREETING_TIMEOUT = 5.0
 
 PUBLIC, PRIVATE, UNKNOWN = "public", "private", "unknown"
 
@@ -61,8 +65,8 @@ def _ip_port(addr: multiaddr.Multiaddr) -> tuple[str, int] | None:
 class AutoNATServer:
     """Answers AutoNAT dial-back requests (see the module docstring); every public peer runs one.
 
-    :param probe_timeout: seconds one dial-back may take (a TCP handshake and one greeting: a round trip
-        or two; a NAT that drops the SYN is what makes us wait it out).
+    :param probe_timeout: seconds a dial-back's TCP handshake may take (a NAT that drops the SYN is what
+        makes us wait it out); the greeting that follows gets :data:`GREETING_TIMEOUT`.
     :param psk: the swarm key, if any (then the greeting is encrypted and only the TCP handshake is checked).
     """
 
@@ -74,7 +78,7 @@ class AutoNATServer:
 
     async def handle(self, stream) -> None:
         try:
-            with trio.fail_after(self.probe_timeout * MAX_DIALED_ADDRS + 5):
+            with trio.fail_after((self.probe_timeout + GREETING_TIMEOUT) * MAX_DIALED_ADDRS + 5):
                 request = Message()
                 request.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_MESSAGE))
                 response = await self._answer(request, stream)
@@ -132,22 +136,30 @@ class AutoNATServer:
         return response
 
     async def _probe(self, ip: str, port: int) -> bool:
-        """A fresh TCP connection to ``ip:port`` that a libp2p listener answers."""
+        """A fresh TCP connection to ``ip:port`` (opened within ``probe_timeout``: a NAT that drops the SYN is
+        what that waits out) that a libp2p listener answers (within :data:`GREETING_TIMEOUT`)."""
+        sock = None
         with trio.move_on_after(self.probe_timeout):
             try:
                 sock = await trio.open_tcp_stream(ip, port)
             except OSError:
                 return False
-            async with sock:
-                if self.psk:
-                    return True
-                await sock.send_all(bytes([len(MULTISTREAM)]) + MULTISTREAM)
-                got = b""
-                while len(got) < len(MULTISTREAM) + 1:
-                    chunk = await sock.receive_some(64)
-                    if not chunk:
-                        break
-                    got += chunk
+        if sock is None:
+            return False
+        async with sock:
+            if self.psk:
+                return True
+            with trio.move_on_after(GREETING_TIMEOUT):
+                try:
+                    await sock.send_all(bytes([len(MULTISTREAM)]) + MULTISTREAM)
+                    got = b""
+                    while len(got) < len(MULTISTREAM) + 1:
+                        chunk = await sock.receive_some(64)
+                        if not chunk:
+                            break
+                        got += chunk
+                except (OSError, trio.BrokenResourceError):
+                    return False
                 return MULTISTREAM in got
         return False
 

@@ -87,7 +87,7 @@ def main() -> None:
         error_feedback=args.error_feedback))
     if args.garbage:
         averager.round_config = dataclasses.replace(averager.round_config, compression=NaNSender(averager.compression))
-    print(json.dumps({"peer_id": dht.peer_id, "addrs": dht.addrs}), flush=True)
+    print(json.dumps({"peer_id": dht.peer_id, "addrs": dht.addrs, "reachability": dht.node.reachability}), flush=True)
     if args.start_at < 0:
         sys.stdin.readline()
     time.sleep(max(0.0, args.start_at - time.time()))

@@ -1,4 +1,5 @@
 """All-reduce with real processes: exact means, weights, compression bounds, NaN senders, and peers that die."""
+import json
 import os
 import random
 import signal
@@ -23,6 +24,9 @@ def run_group(bootstrap, tmp_path, specs, timeout=90, with_ids=False):
     """Run one worker per spec; returns their result lines and final tensors (and peer IDs if ``with_ids``)."""
     peers = start_peers(bootstrap, tmp_path, specs)
     try:
+        # every peer here listens on loopback: each must find itself public and own a part
+        for p, spec in zip(peers, specs):
+            assert p.info["reachability"] == ("client" if spec.get("client_mode") else "public"), p.info
         go(peers)
         out = [p.results(timeout) for p in peers], [p.tensor() for p in peers]
         return (*out, [p.info["peer_id"] for p in peers]) if with_ids else out
@@ -184,7 +188,7 @@ def test_out_of_range_sender_is_excluded_and_banned(bootstrap, tmp_path):
     byzantine = ids[3]
     honest = torch.stack([torch.randn(size, generator=torch.Generator().manual_seed(i)) for i in range(3)]).mean(0)
     for res, t in zip(results[:3], tensors[:3]):
-        assert res[0]["ok"] and byzantine in res[0]["excluded"] and byzantine in res[0]["banned"], res
+        assert res[0]["ok"] and byzantine in res[0]["excluded"] and byzantine in res[0]["banned"], json.dumps(results)
         assert torch.allclose(t, honest, atol=1e-5), (results, (t - honest).abs().max())
         assert torch.equal(t, tensors[0])
 

@@ -4,13 +4,15 @@ The NAT topologies themselves (home routers in network namespaces) are in tests/
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import pytest
 import trio
 
 from p2p import Node, NodeConfig
 from p2p.errors import P2PError
-from p2p.reachability import PRIVATE, PUBLIC, UNKNOWN, query
+from p2p.reachability import MULTISTREAM, PRIVATE, PROBE_TIMEOUT, PUBLIC, UNKNOWN, query
 from p2p.relay import RelayLimits, circuit_addr, reserve, split_circuit
 
 LOOPBACK = NodeConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -65,6 +67,31 @@ def test_autonat_dial_back_tells_reachable_from_closed(nodes):
         assert ask([f"/ip4/127.0.0.1/tcp/{other.getsockname()[1]}"]) == PRIVATE
     assert ask(["/ip4/127.0.0.1/udp/4001"]) == UNKNOWN
     assert server.autonat.answered == {"ok": 1, "error": 2, "refused": 1}
+
+
+def test_a_busy_requester_that_greets_late_is_still_public(nodes):
+    """The dial-back's TCP handshake is the NAT test; the greeting after it comes from the requester's own
+    process, which may be busy (starting up, training at full load): a listener that opens at once but
+    greets after longer than PROBE_TIMEOUT is PUBLIC, not PRIVATE (on a loaded CI machine that false
+    verdict turned a loopback peer into a client that owned no part)."""
+    server, client = nodes(), nodes()
+    client.run(client.connect, server.addrs[0])
+    with socket.socket() as slow:
+        slow.bind(("127.0.0.1", 0))
+        slow.listen()
+
+        def greet_late() -> None:
+            conn, _ = slow.accept()
+            with conn:
+                time.sleep(PROBE_TIMEOUT + 1.0)
+                conn.sendall(bytes([len(MULTISTREAM)]) + MULTISTREAM)
+                conn.recv(64)
+
+        threading.Thread(target=greet_late, daemon=True).start()
+        started = time.monotonic()
+        verdict = client.run(query, client.host.libp2p, server.peer_id,
+                             [f"/ip4/127.0.0.1/tcp/{slow.getsockname()[1]}"], 10.0)
+    assert verdict == PUBLIC and time.monotonic() - started >= PROBE_TIMEOUT + 1.0
 
 
 def test_client_mode_skips_the_check_and_a_node_alone_is_public(nodes):
