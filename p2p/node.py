@@ -323,6 +323,10 @@ class Node:
             raise P2PTimeout(f"{getattr(inner, '__name__', 'call')} took longer than {timeout}s") from None
         except (trio.RunFinishedError, trio.Cancelled):  # Cancelled: stop() cancelled the call in the loop
             raise P2PError("node stopped while the call was running") from None
+        except BaseExceptionGroup as group:  # the same, from a nursery inside the call that stop() cancelled
+            if group.split((trio.RunFinishedError, trio.Cancelled))[1] is None:
+                raise P2PError("node stopped while the call was running") from None
+            raise
 
     def run_sync_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Schedule a plain function in the node's loop (safe from any thread, including the loop's)."""

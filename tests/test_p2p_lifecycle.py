@@ -218,3 +218,31 @@ def test_a_dht_sharing_a_node_stops_its_maintenance_when_shut_down():
         assert not cancelled.is_set()
         dht.shutdown()
         assert cancelled.wait(5) and node.is_running  # its tasks are cancelled; the node is not ours to stop
+
+
+def test_a_call_whose_nursery_stop_cancels_raises_our_error():
+    """A blocking call that runs its own nursery (as a DHT store does) gets P2PError when the node stops
+    under it, not a BaseExceptionGroup of Cancelled (which escaped `except Exception` and killed the
+    thread of a peer's info publisher with a traceback when the peer shut down)."""
+    node = Node(NodeConfig(swarm="lifecycle"))
+    entered, outcome = threading.Event(), []
+
+    async def fan_out():
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(trio.sleep_forever)
+            entered.set()
+
+    def caller():
+        try:
+            node.run(fan_out)
+        except BaseException as e:  # noqa: BLE001 - the test looks at exactly what escaped
+            outcome.append(e)
+
+    t = threading.Thread(target=caller)
+    t.start()
+    assert entered.wait(5)
+    node.stop()
+    t.join(timeout=5)
+    assert not t.is_alive() and len(outcome) == 1
+    assert type(outcome[0]) is P2PError and "node stopped" in str(outcome[0]), repr(outcome[0])
