@@ -44,7 +44,7 @@ def unpack(data: bytes, max_bytes: int = 64 << 20) -> Any:
 
 async def end_raw(raw, *, reset: bool = False) -> None:
     """Close (or reset) a raw libp2p stream within 1 s, also while our task is being cancelled; errors are
-    ignored, as in :meth:`FramedStream.close`: the exchange is over either way."""
+    ignored: the exchange is over either way. :meth:`FramedStream.close` and ``reset`` end theirs with it."""
     with trio.CancelScope(shield=True), trio.move_on_after(1.0):
         try:
             await (raw.reset() if reset else raw.close())
@@ -135,19 +135,11 @@ class FramedStream:
 
     async def close(self) -> None:
         """Half-close our side politely (bounded); errors are ignored because the exchange is over."""
-        with trio.move_on_after(1.0):
-            try:
-                await self.raw.close()
-            except Exception:
-                pass
+        await end_raw(self.raw)
 
     async def reset(self) -> None:
         """Abort the stream: the other side's next read fails at once instead of waiting."""
-        with trio.move_on_after(1.0):
-            try:
-                await self.raw.reset()
-            except Exception:
-                pass
+        await end_raw(self.raw, reset=True)
 
 
 class _Deadline:
