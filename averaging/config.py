@@ -31,7 +31,9 @@ class AveragerConfig:
         ``clip_tau`` (:func:`averaging.robust.centered_clip`) instead of the weighted mean, so one peer moves
         a part by at most ``clip_tau * its weight / the honest weight`` (L2) however wrong its values are.
         Pick it above the honest spread of a part (honest contributions within ``clip_tau`` of each other
-        average exactly). None (default): the exact weighted mean.
+        average exactly). ``"auto"``: the radius is measured in each round, per part, as twice the median
+        distance of the contributions to their coordinate-wise median (:func:`averaging.robust.honest_spread_tau`;
+        honest while honest peers hold more than half the weight). None (default): the exact weighted mean.
     :param max_abs_value: if set, a contribution with any element beyond +-max_abs_value is out of range:
         excluded from the round and its sender banned, like NaN (pick it well above honest values).
     :param error_feedback: with a lossy ``compression``, remember what each chunk of our contributions and
@@ -50,7 +52,7 @@ class AveragerConfig:
     chunk_timeout: float | None = None
     chunk_bytes: int = CHUNK_BYTES
     window_bytes: int = WINDOW_BYTES
-    clip_tau: float | None = None
+    clip_tau: float | str | None = None
     max_abs_value: float | None = None
     error_feedback: bool = False
     ban_seconds: float = 600.0
@@ -60,8 +62,9 @@ class AveragerConfig:
             raise ValueError("need 2 <= min_group_size <= target_group_size")
         if self.bandwidth is not None and not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
             raise ValueError("bandwidth must be a positive number of MB/s (or None: not declared)")
-        if self.clip_tau is not None and not (math.isfinite(self.clip_tau) and self.clip_tau > 0):
-            raise ValueError(f"clip_tau must be a positive finite number, got {self.clip_tau!r}")
+        if self.clip_tau not in (None, "auto") and not (isinstance(self.clip_tau, (int, float))
+                                                        and math.isfinite(self.clip_tau) and self.clip_tau > 0):
+            raise ValueError(f"clip_tau must be a positive finite number or 'auto', got {self.clip_tau!r}")
         if self.max_abs_value is not None and not self.max_abs_value > 0:
             raise ValueError(f"max_abs_value must be > 0, got {self.max_abs_value!r}")
         if not self.matchmaking_time > 0 or self.chunk_bytes < 1 or self.window_bytes < 1:

@@ -30,7 +30,7 @@ class RoundConfig:
     :param chunk_timeout: the longest wait for one chunk or keepalive; a member silent that long is dropped.
     :param max_frame: largest frame on a round's streams; ``window_bytes``: bytes in flight per stream.
     :param pacing: bytes/s our round's bulk uploads may use in all (None: not paced).
-    :param clip_tau: CenteredClip radius for the parts we own (None: the exact weighted mean).
+    :param clip_tau: CenteredClip radius for the parts we own ("auto": measured per part; None: the exact mean).
     :param max_abs_value: contributions and results beyond +-this are refused and their sender banned.
     """
 
@@ -41,7 +41,7 @@ class RoundConfig:
     max_frame: int
     window_bytes: int
     pacing: float | None = None
-    clip_tau: float | None = None
+    clip_tau: float | str | None = None
     max_abs_value: float | None = None
 
     @property

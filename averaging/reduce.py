@@ -24,7 +24,7 @@ from typing import Hashable, Sequence
 import torch
 
 from .checks import all_finite
-from .robust import centered_clip
+from .robust import centered_clip, honest_spread_tau
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class PartReducer:
     """
 
     def __init__(self, part_numel: int, expected_senders: Sequence[Hashable], dtype: torch.dtype = torch.float32,
-                 clip_tau: float | None = None):
+                 clip_tau: float | str | None = None):
         if isinstance(part_numel, bool) or not isinstance(part_numel, int) or part_numel < 0:
             raise ValueError(f"part_numel must be an int >= 0, got {part_numel!r}")
         senders = list(expected_senders)
@@ -261,7 +261,8 @@ class PartReducer:
         ``x_i * w_i / sum(w)`` over senders in sorted order, slab by slab, using separate multiply and add ops
         (no fused multiply-add), so the result is bit-identical for any arrival order.
         ``out`` (optional): a contiguous tensor of this reducer's dtype and size to write into.
-        With ``clip_tau`` set, steps (2)-(3) are replaced by CenteredClip over the senders' vectors.
+        With ``clip_tau`` set, steps (2)-(3) are replaced by CenteredClip over the senders' vectors (``"auto"``: of
+        the radius :func:`~averaging.robust.honest_spread_tau` measures on them).
         """
         active = self.active_senders
         if not active:
@@ -280,7 +281,10 @@ class PartReducer:
         if self.clip_tau is not None and len(active) > 1:
             weights = torch.tensor([self._weights[s] for s in active], dtype=torch.float64)
             stacked = torch.stack([self._buffers[s] for s in active])
-            return out.copy_(centered_clip(stacked, weights, self.clip_tau))
+            tau = honest_spread_tau(stacked, weights) if self.clip_tau == "auto" else self.clip_tau
+            if tau > 0:
+                return out.copy_(centered_clip(stacked, weights, tau))
+            return out.copy_(stacked[0])   # "auto" and every contribution the same: that is the mean
         total_weight = math.fsum(self._weights[s] for s in active)
         scales = [self._weights[s] / total_weight for s in active]
         buffers = [self._buffers[s] for s in active]

@@ -36,6 +36,25 @@ def weighted_median(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return sorted_values.gather(0, index).squeeze(0)
 
 
+#: ``clip_tau="auto"``: CenteredClip's radius is this many times the honest spread (:func:`honest_spread_tau`)
+AUTO_TAU_FACTOR = 2.0
+
+
+def honest_spread_tau(vectors: torch.Tensor, weights: torch.Tensor, factor: float = AUTO_TAU_FACTOR) -> float:
+    """A CenteredClip radius measured from the vectors themselves (what ``clip_tau="auto"`` uses).
+
+    1. The distance (L2) of each row of ``vectors`` [n, d] to their coordinate-wise weighted median.
+    2. The weighted (lower) median of those distances: while honest peers hold more than half the weight,
+       it is the distance of an honest vector, however far the others lie.
+    3. ``factor`` times it: honest vectors, which in many dimensions lie at nearly one distance from the
+       center, fall inside the radius (and average exactly), an attacker is clipped to it.
+
+    Returns 0.0 when every vector is the median (nothing to clip)."""
+    center = weighted_median(vectors, weights)
+    distances = torch.linalg.vector_norm(vectors - center, dim=1)
+    return factor * float(weighted_median(distances[:, None], weights.to(distances.dtype))[0])
+
+
 def centered_clip(
     vectors: torch.Tensor, weights: torch.Tensor, tau: float, n_iters: int = 20, eps: float = 1e-6
 ) -> torch.Tensor:

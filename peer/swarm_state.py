@@ -41,9 +41,9 @@ from dht import DHT, ValueWithExpiration, get_dht_time, subkey_entries
 from peer.config import PEER_INFO_KEY, ModelConfig, training_keys, training_prefix
 from peer.moe.directory import LOAD_KEY, parse_declarations
 
-_PROGRESS_NUMBERS = ("eval_loss", "sps", "started")
+_PROGRESS_NUMBERS = ("eval_loss", "sps", "started", "epsilon")
 _PROGRESS_INTS = ("round", "peers", "rounds_ok", "rounds_failed", "bytes_sent")
-_PROGRESS_TABLES = {"recent": list, "ledger": dict, "experts": dict, "hosts": dict}
+_PROGRESS_TABLES = {"recent": list, "ledger": dict, "experts": dict, "hosts": dict, "dp": dict}
 
 
 def _number(x: Any) -> float | None:

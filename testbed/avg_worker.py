@@ -60,7 +60,8 @@ def main() -> None:
     p.add_argument("--ban-seconds", type=float, default=600.0)
     p.add_argument("--max-abs-value", type=float, default=None, help="contributions beyond this are banned")
     p.add_argument("--scale", type=float, default=1.0, help="multiply our contribution (a Byzantine peer)")
-    p.add_argument("--clip-tau", type=float, default=None, help="CenteredClip radius (robust rounds)")
+    p.add_argument("--clip-tau", type=lambda v: v if v == "auto" else float(v), default=None,
+                   help="CenteredClip radius (robust rounds), or auto")
     p.add_argument("--client-mode", action="store_true")
     p.add_argument("--error-feedback", action="store_true", help="AveragerConfig(error_feedback=True)")
     p.add_argument("--no-bulk", action="store_true", help="no bulk data plane: all data on libp2p streams")

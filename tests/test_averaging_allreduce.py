@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import p2p.bulk
+from averaging.robust import AUTO_TAU_FACTOR
 from dht import DHT
 from tests.avg_group import go, start_peers, stop
 
@@ -127,11 +128,12 @@ def test_nan_contributor_is_excluded(bootstrap, tmp_path):
         assert not torch.isnan(t).any()
 
 
-@pytest.mark.parametrize("clip_tau", [300.0, None])
+@pytest.mark.parametrize("clip_tau", [300.0, "auto", None])
 def test_centered_clip_bounds_a_byzantine_peer(bootstrap, tmp_path, clip_tau):
     """1 of 4 peers sends its values x1000. With CenteredClip (radius tau) every part stays within
     tau * w_byzantine / w_honest of the honest mean, so the whole vector within sqrt(4 parts) times that;
-    the plain mean (the control) is thrown far off."""
+    the plain mean (the control) is thrown far off. With "auto" each owner measures tau on its part (twice
+    the median distance to the median): the honest vectors' spread, not the attacker's."""
     n, size = 4, 50_000
     specs = [dict(size=size, seed=i, group=n, matchmaking_time=3, clip_tau=clip_tau) for i in range(n)]
     specs[3]["scale"] = 1000.0
@@ -141,7 +143,13 @@ def test_centered_clip_bounds_a_byzantine_peer(bootstrap, tmp_path, clip_tau):
     deviation = (tensors[0] - honest).norm().item()
     for t in tensors:
         assert torch.equal(t, tensors[0])
-    if clip_tau is not None:
+    if clip_tau == "auto":
+        # per part, tau <= AUTO_TAU_FACTOR * an honest vector's distance to the median: summed over the parts,
+        # at most AUTO_TAU_FACTOR * (the honest spread, with a margin for the median's offset) * w_byz / w_honest
+        spread = max((torch.randn(size, generator=torch.Generator().manual_seed(i)) - honest).norm().item()
+                     for i in range(3))
+        assert deviation <= AUTO_TAU_FACTOR * 1.5 * spread / 3, (deviation, spread)
+    elif clip_tau is not None:
         assert deviation <= 2 * clip_tau * 1 / 3 + 1e-3, deviation
     else:
         assert deviation > 10_000, deviation

@@ -286,3 +286,28 @@ def test_a_whole_part_added_without_copy_is_kept_by_reference_and_averages_the_s
     assert partial._buffers["a"].data_ptr() != own.data_ptr()
     with pytest.raises(BadContribution):                                 # and still checked like any chunk
         PartReducer(3, ["a"]).add("a", 0, torch.tensor([1.0, float("nan"), 2.0]), 1.0, copy=False)
+
+
+def test_auto_tau_is_the_honest_spread_however_far_the_attacker_is():
+    """clip_tau="auto": twice the median distance to the coordinate-wise median, so an attacker, near or far,
+    cannot widen the radius, and the reducer's result stays near the honest mean."""
+    from averaging.robust import AUTO_TAU_FACTOR, honest_spread_tau
+
+    generator = torch.Generator().manual_seed(3)
+    honest = torch.randn(4, 2000, generator=generator, dtype=torch.float64)
+    taus = []
+    for scale in (1.0, 1e3, 1e9):
+        vectors = torch.cat([honest, honest[:1] * scale + 5])
+        taus.append(honest_spread_tau(vectors, torch.ones(5, dtype=torch.float64)))
+        reducer = PartReducer(2000, list("abcde"), dtype=torch.float64, clip_tau="auto")
+        for sender, v in zip("abcde", vectors):
+            reducer.add(sender, 0, v, 1.0)
+        deviation = (reducer.result() - honest.mean(0)).norm().item()
+        assert deviation <= taus[-1] / 4 * 1.01 + (honest.mean(0) - honest.median(0).values).norm().item()
+    distances = (honest - honest.mean(0)).norm(dim=1)
+    assert max(taus) <= AUTO_TAU_FACTOR * 1.3 * distances.max().item()      # the attacker never widens it
+    assert min(taus) >= AUTO_TAU_FACTOR * 0.7 * distances.min().item()
+    same = PartReducer(10, ["a", "b"], clip_tau="auto")
+    for sender in "ab":
+        same.add(sender, 0, torch.ones(10), 1.0)
+    assert torch.equal(same.result(), torch.ones(10))                      # nothing to clip: the mean

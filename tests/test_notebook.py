@@ -38,13 +38,14 @@ sys.exit(main({argv!r}))
 TRAINER = """
 from dht import DHT
 from p2p import NodeConfig, setup_logging
+from peer.training.privacy import DPConfig
 from peer.training.trainer import TrainConfig, Trainer
 
 setup_logging("INFO")
 dht = DHT(initial_peers=[{join!r}], node_config=NodeConfig(swarm={swarm!r}, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
 print("TRAINER", dht.peer_id, flush=True)
 config = TrainConfig(model="tiny", sync="diloco", batch_size=4, local_steps=10, eval_every=2, eval_batches=1,
-                     max_samples=1_000_000)
+                     max_samples=1_000_000, dp=DPConfig(clip=1.0, noise_multiplier=1.0))
 trainer = Trainer(dht, config)
 trainer.run(on_step=lambda t, loss: print("PUBLISHED", t.step, flush=True) if t.step % config.eval_every == 0 else None)
 """
@@ -165,7 +166,9 @@ def test_notebook_shows_a_live_swarm(python_process, tmp_path, monkeypatch):
     peers = html_table(outputs, "peers")
     assert boot_id in peers
     assert host_id[-8:] in html_table(outputs, "experts") and "ffn0: 16, ffn1: 16" in html_table(outputs, "experts")
-    assert trainer_id[-8:] in html_table(outputs, "progress")  # the trainer's row (peer IDs shown as …<last 8>)
+    progress = html_table(outputs, "progress")
+    assert trainer_id[-8:] in progress  # the trainer's row (peer IDs shown as …<last 8>)
+    assert "ε 0.00 (δ 1e-05, 0 rounds)" in progress   # its privacy: alone, it never sent a contribution
     assert trainer_id[-8:] in html_table(outputs, "leaderboard")      # its contribution record
     assert host_id[-8:] in html_table(outputs, "host-leaderboard")    # the host's served-rows record
     assert any("image/png" in out.get("data", {}) for out in outputs)

@@ -65,6 +65,18 @@ def join_line(peer: Peer, timeout: float = 60) -> str:
     raise AssertionError("no join line")
 
 
+def start_swarm(tmp: Path, swarm: str, peers: list[Peer], hosts: int = 1) -> list[str]:
+    """A bootstrap and ``hosts`` expert hosts serving the 32 experts of the tiny model between them (appended
+    to ``peers``, for the caller to stop); returns the flags that join their swarm."""
+    boot = Peer("bootstrap", tmp, "--swarm", swarm)
+    peers.append(boot)
+    join = ["--initial-peers", join_line(boot), "--swarm", swarm]
+    for i in range(hosts):
+        peers.append(Peer(f"experts{i}", tmp, *join, "--experts", str(32 // hosts), "--device", "cpu"))
+        peers[-1].wait_for(f"Hosting {32 // hosts} experts", 60)
+    return join
+
+
 def anchor(checkpoint_dir: Path) -> list[torch.Tensor]:
     return torch.load(checkpoint_dir / "trainer.pt", weights_only=False)["anchor"]
 
@@ -76,12 +88,7 @@ def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
     samples, newcomer_samples = 720, 480
     peers: list[Peer] = []
     try:
-        boot = Peer("bootstrap", tmp_path, "--swarm", "e2e")
-        peers.append(boot)
-        join = ["--initial-peers", join_line(boot), "--swarm", "e2e"]
-        for i in range(2):
-            peers.append(Peer(f"experts{i}", tmp_path, *join, "--experts", "16", "--device", "cpu"))
-            peers[-1].wait_for("Hosting 16 experts", 60)
+        join = start_swarm(tmp_path, "e2e", peers, hosts=2)
         train = [*join, "--train", "--local-steps", "10", "--max-samples"]
         ckpt = [tmp_path / f"ckpt{i}" for i in range(4)]
         trainers = [Peer(f"trainer{i}", tmp_path, *train, str(samples), "--shard", f"{i}/3", "--checkpoint-dir",
@@ -145,11 +152,7 @@ def test_per_step_gradient_averaging_trains_two_trainers_together(tmp_path):
     weights are close, not bit-identical: each follows the LR schedule from its own view of the swarm's samples.)"""
     peers: list[Peer] = []
     try:
-        boot = Peer("bootstrap", tmp_path, "--swarm", "grad")
-        peers.append(boot)
-        join = ["--initial-peers", join_line(boot), "--swarm", "grad"]
-        peers.append(Peer("experts", tmp_path, *join, "--experts", "32", "--device", "cpu"))
-        peers[-1].wait_for("Hosting 32 experts", 60)
+        join = start_swarm(tmp_path, "grad", peers)
         ckpt = [tmp_path / f"ckpt{i}" for i in range(2)]
         trainers = [Peer(f"trainer{i}", tmp_path, *join, "--train", "--sync", "grad", "--max-samples", "120",
                          "--shard", f"{i}/2", "--checkpoint-dir", str(ckpt[i])) for i in range(2)]

@@ -95,6 +95,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on shard I of N of the data (give each trainer its own)")
     train.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                        help="save the trainer's state here periodically and on exit; resume from it")
+    privacy = p.add_argument_group(
+        "privacy and robustness", "User-level differential privacy of what this trainer sends to averaging (each "
+        "contribution clipped, then Gaussian noise; epsilon from Google's dp-accounting), and robust rounds. "
+        "DP does not cover expert calls: the hosts of the experts you use see your hidden states.")
+    privacy.add_argument("--dp-clip", type=float, default=None, metavar="C",
+                         help="clip each contribution (pseudo-gradient, or gradient with --sync grad) to L2 norm C "
+                              "before it leaves this peer; pick C near the norm yours have (the DEBUG log prints it)")
+    privacy.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
+                         help="add Gaussian noise of standard deviation SIGMA*C to every element of a contribution")
+    privacy.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
+                         help="privacy budget: stop contributing once epsilon would pass E; without --dp-noise, "
+                              "the noise is solved so that the planned rounds (--dp-rounds, or from --max-samples) "
+                              "stay within E")
+    privacy.add_argument("--dp-delta", type=float, default=1e-5, metavar="D",
+                         help="the delta of (epsilon, delta)-DP; keep it below 1 / the number of users "
+                              "(default: %(default)s)")
+    privacy.add_argument("--dp-rounds", type=int, default=None, metavar="N",
+                         help="averaging rounds this trainer plans, to solve --dp-epsilon for the noise "
+                              "(default: from --max-samples)")
+    privacy.add_argument("--dp-when-spent", default="stop", choices=["stop", "local"],
+                         help="once the budget is spent: stop training (default), or train on locally without "
+                              "averaging again")
+    privacy.add_argument("--clip-tau", default=None, metavar="TAU|auto",
+                         help="Byzantine-robust averaging: the parts this peer reduces are aggregated with "
+                              "CenteredClip of radius TAU (L2) instead of the mean, so a peer sending garbage moves "
+                              "them by at most TAU times its weight share; 'auto' sets TAU from the honest spread "
+                              "measured in this peer's first rounds. Off by default (exact mean)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML or JSON file of flag values (keys as flag names without dashes, e.g. "
                         "initial_peers); flags given on the command line win")
@@ -150,9 +177,36 @@ def check_args(args: argparse.Namespace) -> None:
     if args.dashboard_port is not None:
         from .dashboard import parse_listen
         args.dashboard_listen = parse_listen(str(args.dashboard_port))
+    check_privacy_args(args)
     args.psk = read_swarm_key(args.swarm_key) if args.swarm_key else None
     if args.allow_peers is not None:
         args.allow_peers = read_peer_ids(args.allow_peers)
+
+
+def check_privacy_args(args: argparse.Namespace) -> None:
+    """``args.dp``: the :class:`~peer.training.privacy.DPConfig` the ``--dp-*`` flags ask for (None: off), and
+    ``args.clip_tau`` checked; ValueError with a user-facing message when they do not fit."""
+    args.dp = None
+    if args.dp_rounds is not None and args.dp_rounds < 1:
+        raise ValueError(f"--dp-rounds {args.dp_rounds}: use a positive number of rounds")
+    if any(v is not None for v in (args.dp_clip, args.dp_noise, args.dp_epsilon)):
+        if not args.train:
+            raise ValueError("--dp-* flags apply to a trainer's contributions: add --train")
+        from peer.training.privacy import DPConfig
+        from peer.training.train_config import TrainConfig
+        planned = args.dp_rounds or TrainConfig(sync=args.sync, local_steps=args.local_steps,
+                                                batch_size=args.batch_size, max_samples=args.max_samples,
+                                                ).planned_rounds()
+        args.dp = DPConfig.from_flags(args.dp_clip, args.dp_noise, args.dp_epsilon, args.dp_delta, planned,
+                                      args.dp_when_spent)
+    if args.clip_tau not in (None, "auto"):
+        try:
+            tau = float(args.clip_tau)
+        except ValueError:
+            tau = float("nan")
+        if not (tau > 0 and tau != float("inf")):
+            raise ValueError(f"--clip-tau {args.clip_tau!r}: use a positive radius, or auto")
+        args.clip_tau = tau
 
 
 def read_swarm_key(path: str) -> str:

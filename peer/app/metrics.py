@@ -32,6 +32,10 @@ class Metrics:
                                   "samples this trainer brought into committed averaging rounds (its claim)")
         self.partners_seen_samples = g("contribution_partner_samples_seen",
                                        "samples this trainer saw its averaging partners bring (what it vouches for)")
+        self.dp_epsilon = g("dp_epsilon", "differential privacy spent by this trainer's contributions: epsilon at "
+                                          "swarmtrain_dp_delta, from the accountant (0 without --dp-*)")
+        self.dp_delta = g("dp_delta", "the delta at which swarmtrain_dp_epsilon holds")
+        self.dp_rounds = g("dp_rounds", "averaging rounds the privacy accountant counted")
         self.expert_call_failures = g("expert_call_failures", "failed calls to remote experts")
         self.rows_served = g("expert_rows_served", "rows of forward and backward requests this host answered")
         self.requests_failed = g("expert_requests_failed", "expert requests this host failed")
@@ -56,6 +60,10 @@ class Metrics:
         self.averaged_samples.set(trainer.ledger.averaged)
         self.partners_seen_samples.set(sum(trainer.ledger.seen.values()))
         self.expert_call_failures.set(sum(t.failures for t in trainer.call_stats().by_host.values()))
+        if trainer.privacy is not None:
+            self.dp_epsilon.set(trainer.privacy.epsilon())
+            self.dp_delta.set(trainer.privacy.config.delta)
+            self.dp_rounds.set(trainer.privacy.rounds_counted)
 
     def update_host(self, server) -> None:
         """Set the host's gauges from an :class:`~peer.hosting.server.ExpertServer`."""

@@ -6,8 +6,17 @@ import time
 from tqdm import tqdm
 
 
+def privacy_text(trainer) -> str:
+    """`` | epsilon 1.23 (delta 1e-05)`` with differential privacy on (``, budget spent`` once it is), else empty."""
+    if trainer.privacy is None:
+        return ""
+    spent = ", budget spent" if trainer.budget_spent else ""
+    return f" | epsilon {trainer.privacy.epsilon():.2f} (delta {trainer.privacy.config.delta:g}){spent}"
+
+
 class StatusLine:
-    """``loss 2.31 | 41.2 samples/s | peers 5 | experts used 16 | averaging 12 ok / 1 failed``."""
+    """``loss 2.31 | 41.2 samples/s | peers 5 | experts used 16 | averaging 12 ok / 1 failed``, and with
+    differential privacy ``| epsilon 1.23 (delta 1e-05)``."""
 
     def __init__(self, trainer, metrics=None, every: float = 1.0):
         self.trainer, self.metrics, self.every = trainer, metrics, every
@@ -25,7 +34,7 @@ class StatusLine:
         used = sum(len(getattr(m, "last_used_uids", ()) or ()) for m in trainer.model.modules())
         self.bar.set_postfix_str(f"loss {trainer.loss_ema:.3f} | {speed:.1f} samples/s | peers "
                                  f"{len(trainer.dht.routing)} | experts used {used} | averaging "
-                                 f"{trainer.rounds_ok} ok / {trainer.rounds_failed} failed")
+                                 f"{trainer.rounds_ok} ok / {trainer.rounds_failed} failed" + privacy_text(trainer))
         if self.metrics:
             self.metrics.update_trainer(trainer, speed)
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from peer.config import SYNC_MODES
 
+from .privacy import DPConfig
+
 
 @dataclass
 class TrainConfig:
@@ -15,6 +17,9 @@ class TrainConfig:
     :param max_samples: stop after this many local samples (None: until interrupted).
     :param total_samples: horizon of the cosine learning-rate schedule, in swarm-wide samples.
     :param bandwidth: upload MB/s declared to the averager (parts and pacing, see :class:`~averaging.Averager`).
+    :param dp: differential privacy of our contributions (:class:`~peer.training.privacy.DPConfig`; None: off).
+    :param clip_tau: CenteredClip radius for the averaging parts we own (Byzantine-robust rounds, see
+        :class:`~averaging.AveragerConfig`); None: the exact weighted mean.
     """
 
     model: str = "tiny"
@@ -44,9 +49,19 @@ class TrainConfig:
     k_min: int = 1
     state_timeout: float = 60.0
     share_every: float = 10.0
+    dp: DPConfig | None = None
+    clip_tau: float | None = None
 
     def __post_init__(self) -> None:
         if self.sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {self.sync!r}")
         if self.batch_size < 1 or self.local_steps < 1 or not 0 <= self.shard < self.num_shards:
             raise ValueError("need batch_size >= 1, local_steps >= 1 and 0 <= shard < num_shards")
+
+    def planned_rounds(self) -> int | None:
+        """Averaging rounds a trainer plans when it stops after ``max_samples`` (None: no planned end): one per
+        ``local_steps`` steps with DiLoCo, one per step with ``sync="grad"``."""
+        if self.max_samples is None:
+            return None
+        steps = -(-self.max_samples // self.batch_size)
+        return -(-steps // self.local_steps) if self.sync == "diloco" else steps

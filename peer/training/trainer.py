@@ -39,6 +39,7 @@ from peer.moe.remote import NotEnoughExpertsError, RemoteMixtureOfExperts
 from .data import ByteDataset, batches, eval_batches, load_corpus
 from .ledger import ContributionLedger
 from .model import MoETransformer
+from .privacy import PrivacyBudgetSpent, Privatizer
 from .sync import STRATEGIES
 from .train_config import TrainConfig
 
@@ -63,8 +64,10 @@ class Trainer:
         self.sync = STRATEGIES[config.sync](self.dense, self.opt, config)
         self.averager = Averager(self.sync.tensors, dht, self.prefix, AveragerConfig(
             target_group_size=config.group_size, compression=config.compression,
-            matchmaking_time=config.matchmaking_time, bandwidth=config.bandwidth,
+            matchmaking_time=config.matchmaking_time, bandwidth=config.bandwidth, clip_tau=config.clip_tau,
             error_feedback=self.sync.error_feedback))
+        self.privacy = Privatizer(config.dp) if config.dp else None  # clips and noises what we contribute
+        self.budget_spent = False  # our privacy budget ran out; with dp.when_spent="local" we train on alone
         self.step = self.samples = self.samples_since_sync = 0
         self.rounds_ok = self.rounds_failed = 0
         self.skipped_steps = 0  # batches skipped because too few experts answered
@@ -122,13 +125,22 @@ class Trainer:
         """One averaging round of the sync strategy's tensors; True if it succeeded (counted either way).
 
         Averaging never ends training: a round that fails is counted and logged, and one that raises (a bug,
-        or tensors the averager refuses) is logged with its traceback and counted as failed."""
+        or tensors the averager refuses) is logged with its traceback and counted as failed. With differential
+        privacy the tensors are clipped and noised first, and a round whose group formed is counted by the
+        accountant; once the budget is spent, :class:`PrivacyBudgetSpent` ends training (``when_spent="stop"``)
+        or we never average again (``"local"``)."""
+        if self.privacy is not None and not self._privatize():
+            return False
         try:
             result = self.averager.step(weight=weight)
         except Exception:
             logger.exception("Averaging round raised; counted as failed, training goes on locally")
             self.rounds_failed += 1
+            if self.privacy is not None:
+                self.privacy.count_round()  # it may have sent something before it raised
             return False
+        if self.privacy is not None and (result.group_size >= 2 or result.bytes_sent > 0):
+            self.privacy.count_round()
         self.averaging_bytes += result.bytes_sent + result.bytes_received
         self.bytes_sent += result.bytes_sent
         self.ledger.add_round(result, weight)
@@ -138,10 +150,30 @@ class Trainer:
             self.sync_rounds += 1
         return result.ok
 
+    def _privatize(self) -> bool:
+        """Clip and noise our contribution; False (we must not send it) once the budget is spent."""
+        if self.budget_spent:
+            return False
+        if not self.privacy.may_contribute():
+            self.budget_spent = True
+            message = (f"privacy budget spent: one more round would take epsilon past "
+                       f"{self.privacy.config.epsilon_budget:g} (now {self.privacy.epsilon():.3f} at delta "
+                       f"{self.privacy.config.delta:g} after {self.privacy.rounds_counted} rounds)")
+            if self.config.dp.when_spent == "stop":
+                raise PrivacyBudgetSpent(message)
+            logger.warning("%s; training on locally, never averaging again", message)
+            return False
+        norm = self.privacy.privatize(self.sync.tensors)
+        logger.debug("Contribution norm %.4g, clipped to %g and noised", norm, self.privacy.config.clip)
+        return True
+
     # ------------------------------------------------------------------ shared state
     def take_snapshot(self) -> None:
         """Copy the shared state (:meth:`~peer.training.sync.DiLoCoSync.shared_tensors`) for the sharer's
-        thread to serialize while we keep training."""
+        thread to serialize while we keep training. Not once our privacy budget is spent: what we train
+        after that is not noised, so the state we serve stays the last one made from noised rounds."""
+        if self.budget_spent:
+            return
         metadata = {"step": self.sync_rounds, "samples": max(self.global_samples, self.samples),
                     "model": self.config.model, "sync": self.config.sync}
         self._snapshot = metadata, [t.detach().clone() for t in self.sync.shared_tensors()]
@@ -239,7 +271,8 @@ class Trainer:
                 "peers": len(self.dht.routing), "rounds_ok": self.rounds_ok, "rounds_failed": self.rounds_failed,
                 "bytes_sent": self.bytes_sent, "started": self.started_at, "recent": list(self.ledger.recent),
                 "ledger": self.ledger.record(), "experts": {u: t.as_list() for u, t in sorted(calls.by_uid.items())},
-                "hosts": {h: t.rows for h, t in sorted(calls.by_host.items())}}
+                "hosts": {h: t.rows for h, t in sorted(calls.by_host.items())},
+                **({"epsilon": self.privacy.epsilon(), "dp": self.privacy.record()} if self.privacy else {})}
 
     def publish_progress(self) -> None:
         """Write our progress to the DHT and read everyone's to know the swarm-wide sample count."""
@@ -256,6 +289,8 @@ class Trainer:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
                  "samples": self.samples, "global_samples": self.global_samples, "sync_rounds": self.sync_rounds,
                  "config": asdict(self.config), **self.sync.state()}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state()
         return state
 
     @property
@@ -276,6 +311,11 @@ class Trainer:
         self.global_samples, self.samples_seen_at = state.get("global_samples", 0), self.samples
         self.sync_rounds = state.get("sync_rounds", 0)
         self.sync.restore(state)
+        if self.privacy is not None:
+            if "privacy" not in state and self.sync_rounds:
+                logger.warning("%s holds rounds averaged without differential privacy; epsilon counts only "
+                               "the rounds from now on", self.checkpoint_file)
+            self.privacy.restore(state.get("privacy", {}))
         logger.info("Resumed from %s at step %d (%d samples)", self.checkpoint_file, self.step, self.samples)
 
     # ------------------------------------------------------------------ the loop
@@ -290,6 +330,10 @@ class Trainer:
             while c.max_samples is None or self.samples < c.max_samples:
                 try:
                     loss = self.train_step()
+                except PrivacyBudgetSpent as e:
+                    logger.warning("Stopping: %s", e)
+                    self.sync.adopt(self.sync.shared_tensors())  # end on the swarm's state, not our drift
+                    break
                 except NotEnoughExpertsError as e:
                     # experts are missing (a host died, or none has joined yet): nothing was updated, so
                     # skip this batch and retry shortly; beam search finds the survivors or newcomers
@@ -314,7 +358,8 @@ class Trainer:
                     self.save()
                 if on_step is not None:
                     on_step(self, loss)
-            self.sync.finish(self)
+            if not self.budget_spent:
+                self.sync.finish(self)
             if not self.history or self.history[-1]["step"] != self.step:
                 eval_loss = self._evaluate_when_possible()
                 if eval_loss is not None:
