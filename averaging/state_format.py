@@ -137,3 +137,15 @@ def piece_hashes(blob: bytes | bytearray | memoryview, piece_bytes: int) -> byte
 def state_digest(hashes: bytes) -> str:
     """The announced ``sha256`` of a blob: hex SHA-256 of its :func:`piece_hashes`."""
     return hashlib.sha256(hashes).hexdigest()
+
+
+def tensors_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """The ``state_hash`` of a state: hex SHA-256 over each tensor's dtype, shape and bytes (C order), metadata
+    left out, so every peer holding the same tensors — all members of one averaging round — has the same one."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        digest.update(pack([_DTYPE_NAMES.get(t.dtype, str(t.dtype)), list(t.shape)]))
+        if t.numel():
+            digest.update(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()

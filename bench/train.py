@@ -54,8 +54,9 @@ def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> No
 
 
 def run_swarm(tmp: Path, name: str, trainers: int, samples: int, sync: str, local_steps: int,
-              timeout: float, compression: str = "none", batch_size: int = 8) -> dict:
-    """One fresh swarm; returns the trainers' final results and the wall time."""
+              timeout: float, compression: str = "none", batch_size: int = 8, extra: tuple[str, ...] = ()) -> dict:
+    """One fresh swarm (``extra``: more flags for every trainer); returns the trainers' final results, each with
+    its log's text, and the wall time."""
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
     try:
@@ -75,7 +76,8 @@ def run_swarm(tmp: Path, name: str, trainers: int, samples: int, sync: str, loca
         logs = [tmp / f"{name}-trainer{i}.log" for i in range(trainers)]
         workers = [peer(logs[i], *join, "--train", "--sync", sync, "--local-steps", str(local_steps),
                         "--max-samples", str(samples), "--shard", f"{i}/{trainers}",
-                        "--compression", compression, "--batch-size", str(batch_size)) for i in range(trainers)]
+                        "--compression", compression, "--batch-size", str(batch_size), *extra)
+                   for i in range(trainers)]
         procs += workers
         results = []
         for w, log in zip(workers, logs):
@@ -85,7 +87,7 @@ def run_swarm(tmp: Path, name: str, trainers: int, samples: int, sync: str, loca
                 raise RuntimeError(f"{log.name} failed ({rc}):\n{log.read_text(errors='replace')[-2000:]}")
             n, loss, ok, failed, nbytes = found[-1]
             results.append({"samples": int(n), "eval_loss": float(loss), "rounds_ok": int(ok),
-                            "rounds_failed": int(failed), "bytes": int(nbytes)})
+                            "rounds_failed": int(failed), "bytes": int(nbytes), "log": log.read_text(errors="replace")})
         return {"trainers": results, "seconds": round(time.monotonic() - started, 1)}
     finally:
         for p in procs:

@@ -27,6 +27,9 @@ from averaging.matchmaking import group_key
 from averaging.state import state_key
 
 SYNC_MODES = ("diloco", "grad")
+#: a trainer accepts a downloaded state only when this many peers besides its donor announced its hash for its
+#: step (:func:`averaging.state.adownload_state`); a swarm needs this many + 1 trainers in step for anyone to catch up
+STATE_CONFIRMATIONS = 2
 #: where every peer says who it is (sub-key: its peer ID): ``{"version", "roles", "reachability", "started"}``
 PEER_INFO_KEY = "peers.info"
 

@@ -78,8 +78,11 @@ class Swarm:
                 argv += ["--experts", str(per_host), "--device", "cpu", "--expert-checkpoint-dir", str(peer.expert_dir)]
             if role == "trainer":
                 i = int(name[len("trainer"):])
+                # a restarted trainer catches up from the others: with the default 3 trainers, only 2 remain
+                # to vouch for a state (one donor, one confirmation)
                 argv += ["--train", "--shard", f"{i}/{args.trainers}", "--checkpoint-dir", str(peer.checkpoint_dir),
-                         "--metrics-port", str(METRICS_PORT)]
+                         "--metrics-port", str(METRICS_PORT),
+                         "--state-confirmations", str(min(2, max(0, args.trainers - 2)))]
             self.peers[name] = peer
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

@@ -27,13 +27,13 @@ from averaging.state import (
     StateDownloadError,
     StateFormatError,
     StateSharer,
-    _parse_offers,
     decode_state,
     download_state,
     encode_state,
     piece_hashes,
     state_digest,
 )
+from averaging.state_offers import parse_offers as _parse_offers
 from dht import DHT, ValueWithExpiration
 
 MAKE_STATE = r"""
@@ -54,16 +54,24 @@ from p2p import setup_logging
 setup_logging("INFO")
 logging.getLogger("averaging.state").setLevel(logging.DEBUG)
 import trio
-from dht import DHT
+from dht import DHT, get_dht_time
 from averaging.state import StateSharer
+from averaging.state_format import tensors_digest
 
 
 class FaultySharer(StateSharer):
     # faults injected from outside the sharer: a slow donor (serve_delay s per range), a lying one (corrupt)
 
-    def __init__(self, *args, serve_delay=0.0, corrupt=False, **kwargs):
+    def __init__(self, *args, serve_delay=0.0, corrupt=False, claim=None, **kwargs):
+        self.claim = claim   # (mib, step, seed): announce that state's hash, whatever we serve (a liar)
         super().__init__(*args, **kwargs)
         self.serve_delay, self.corrupt = serve_delay, corrupt
+
+    def _take_snapshot(self, current):
+        snap = super()._take_snapshot(current)
+        if self.claim is not None:
+            snap.state_hash = tensors_digest(make_state(*self.claim)[1])
+        return snap
 
     async def _read_range(self, snap, start, end):
         await trio.sleep(self.serve_delay)
@@ -79,14 +87,17 @@ dht = DHT(initial_peers=sys.stdin.readline().split())  # imports overlap with th
 sharers = [FaultySharer(dht, prefix, lambda state=state: state, **options) for prefix, state, options in states]
 for sharer in sharers:
     sharer.refresh()
+for prefix, claimed in CLAIMS:   # claims of states we do not serve, as a client-mode trainer makes them
+    dht.store(prefix + ".claims", {"state_hashes": {str(claimed[1]): tensors_digest(make_state(*claimed)[1])}},
+              get_dht_time() + 600, subkey=dht.peer_id)
 print("ADDR", dht.addrs[0], flush=True)
 sys.stdin.read()
 """
 
 
-def launch_donor(launcher, shares):
+def launch_donor(launcher, shares, claims=()):
     """Start a donor process; it joins the swarm once :func:`join` gives it initial peers."""
-    return launcher(f"SHARES = {shares!r}\n" + DONOR)
+    return launcher(f"SHARES = {shares!r}\nCLAIMS = {list(claims)!r}\n" + DONOR)
 
 
 def join(proc, initial_peers=()):
@@ -105,12 +116,13 @@ MAIN_MIB = 32
 def donors(module_python_process):
     """Donors A, B and C (see the module docstring); the last test kills C."""
     launch = functools.partial(launch_donor, module_python_process)
-    a = launch([("main", MAIN_MIB, 7, 0, {}), ("mixed", 8, 3, 0, {}), ("vote", 1, 5, 0, {}), ("newest", 0, 4, 0, {}),
-                ("slow", 16, 9, 0, SLOW)])
-    b = launch([("main", MAIN_MIB, 7, 0, {}), ("mixed", 8, 3, 0, {}), ("vote", 1, 5, 0, {}), ("newest", 0, 4, 0, {}),
-                ("slow", 16, 9, 0, SLOW)])
+    honest = [("main", MAIN_MIB, 7, 0, {}), ("mixed", 8, 3, 0, {}), ("vote", 1, 5, 0, {}), ("newest", 0, 4, 0, {}),
+              ("slow", 16, 9, 0, SLOW), ("liar", 1, 8, 0, {})]
+    a = launch(honest, claims=[("liar", (1, 9, 0))])
+    b = launch(honest, claims=[("liar", (1, 9, 0))])
     c = launch([("main", MAIN_MIB, 7, 0, {}), ("mixed", 8, 3, 0, {"corrupt": True}), ("bad", 2, 1, 0, {"corrupt": True}),
-                ("vote", 1, 5, 1, {}), ("newest", 0, 6, 0, {}), ("slow", 16, 9, 0, SLOW)])
+                ("vote", 1, 5, 1, {}), ("newest", 0, 6, 0, {}), ("slow", 16, 9, 0, SLOW),
+                ("liar", 1, 9, 1, {"claim": (1, 9, 0)})])
     join(a)
     for proc in (b, c):
         join(proc, [a.maddr])
@@ -258,7 +270,7 @@ def test_sharer_keeps_the_previous_snapshot_for_a_while_then_names_its_step():
 
 @pytest.mark.slow
 def test_download_from_three_donors_gives_their_exact_state(client, donors, caplog):
-    caplog.set_level(logging.INFO, logger="averaging.state")
+    caplog.set_level(logging.INFO, logger="averaging")
     started = time.monotonic()
     got = download_state(client, "main", timeout=60, max_donors=3)
     elapsed = time.monotonic() - started
@@ -279,7 +291,7 @@ def test_nothing_announced_returns_none_quickly(client):
 
 @pytest.mark.slow
 def test_corrupt_donor_is_dropped_and_the_state_still_verifies(client, donors, caplog):
-    caplog.set_level(logging.INFO, logger="averaging.state")
+    caplog.set_level(logging.INFO, logger="averaging")
     got = download_state(client, "mixed", timeout=60, max_donors=3, chunk_bytes=1 << 20)
     assert_same_state(got, make_state(8, 3))
     dropped = [r.getMessage() for r in caplog.records if "dropped after" in r.getMessage()]
@@ -304,8 +316,34 @@ def test_highest_step_then_most_donors_wins(client, donors):
 
 
 @pytest.mark.slow
+def test_only_states_other_peers_confirm_are_accepted(client, donors):
+    # "vote": A and B hold step 5 / seed 0 (one blob: each vouches for the other), C alone another step 5
+    with pytest.raises(StateDownloadError, match="no state of 'vote' is confirmed: 2 offers"):
+        download_state(client, "vote", timeout=30, confirmations=2)
+    assert_same_state(download_state(client, "vote", timeout=30, confirmations=1), make_state(1, 5, seed=0))
+
+
+@pytest.mark.slow
+def test_a_donor_serving_a_state_nobody_else_announced_is_banned(client, donors):
+    """"liar": A and B serve step 8 and claim (in records under liar.claims) the step-9 state of seed 0; C offers
+    step 9 under that very hash but serves seed 1's tensors. C's offer is the newest and confirmed by two
+    others, so it is downloaded first: its bytes match its own blob hash, its tensors do not match the claim."""
+    from averaging.bans import BanList
+
+    bans, liar = BanList(), donors[2].peer_id
+    with pytest.raises(StateDownloadError, match="every offer failed"):   # step 8 has only one other voucher
+        download_state(client, "liar", timeout=30, confirmations=2, confirm_keys=["liar.claims"], bans=bans)
+    assert bans.is_banned(liar) and "served a state of step 9 with hash" in bans.why(liar)
+    assert bans.banned() == [liar]
+    # banned, C is not asked again; A and B's step 8 is confirmed once each vouches for the other
+    assert_same_state(download_state(client, "liar", timeout=30, confirmations=1, confirm_keys=["liar.claims"],
+                                     bans=bans), make_state(1, 8, seed=0))
+    assert_same_state(download_state(client, "liar", timeout=30), make_state(1, 9, seed=1))   # unverified: C wins
+
+
+@pytest.mark.slow
 def test_download_completes_when_a_donor_is_killed_mid_transfer(client, donors, caplog):
-    caplog.set_level(logging.INFO, logger="averaging.state")
+    caplog.set_level(logging.INFO, logger="averaging")
     victim = donors[2]  # C; this test runs last in the module
     result, errors = [], []
 

@@ -9,6 +9,8 @@ import time
 
 import pytest
 import torch
+
+from averaging.state_format import tensors_digest
 import trio
 
 from dht import DHT
@@ -205,6 +207,15 @@ def test_the_swarm_generates_what_the_file_does_and_survives_a_host_dying(infere
     original, _ = load_model(path)
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), original.state_dict().values()))
     assert len(meta["experts"]) == 2 * 16 and meta["step"] == 1
+    # the file names the state it holds by the hash its donor announced (what trainers check downloads against)
+    assert meta["state_hash"] == tensors_digest([p.detach() for p in original.dense_parameters()])
+    # one donor and nobody else vouching for its state: refused when confirmations are asked for
+    refused = subprocess.run([sys.executable, "-m", "peer", "export", "--initial-peers", dht.addrs[0], "--out",
+                              str(tmp_path / "refused.pt"), "--timeout", "20", "--state-confirmations", "1"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "no state of" in refused.stderr and "is confirmed" in refused.stderr, \
+        refused.stderr
+    assert not (tmp_path / "refused.pt").exists()
     # one host dies mid-generation: the rows re-route to the other host's experts, no NaN, no crash
     caplog.set_level(logging.INFO, logger="peer.moe.remote")
     pieces = []

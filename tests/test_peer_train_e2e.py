@@ -89,7 +89,8 @@ def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
     peers: list[Peer] = []
     try:
         join = start_swarm(tmp_path, "e2e", peers, hosts=2)
-        train = [*join, "--train", "--local-steps", "10", "--max-samples"]
+        # while trainer 2 is down only two trainers vouch for the swarm's state: one donor, one confirmation
+        train = [*join, "--train", "--local-steps", "10", "--state-confirmations", "1", "--max-samples"]
         ckpt = [tmp_path / f"ckpt{i}" for i in range(4)]
         trainers = [Peer(f"trainer{i}", tmp_path, *train, str(samples), "--shard", f"{i}/3", "--checkpoint-dir",
                          str(ckpt[i])) for i in range(3)]
@@ -115,6 +116,7 @@ def test_swarm_trains_agrees_resumes_and_admits_a_newcomer(tmp_path):
         restarted_log, newcomer_log = restarted.log(), newcomer.log()
         assert "Resumed from" in restarted_log and "at step 50" in restarted_log
         assert "Caught up with the swarm" in newcomer_log, newcomer_log[-3000:]
+        assert re.search(r"confirmed by [1-3] other peers", newcomer_log), newcomer_log[-3000:]
         # the newcomer averaged with the others after downloading the state
         assert int(FINAL.findall(newcomer_log)[-1][0]) > 0
 
@@ -167,6 +169,32 @@ def test_per_step_gradient_averaging_trains_two_trainers_together(tmp_path):
     finally:
         for p in reversed(peers):
             p.stop()
+
+
+def test_a_trainer_vouches_for_the_state_it_serves():
+    """Its progress record claims, per step, the hash of the state its sharer announces and serves."""
+    from averaging.state_format import tensors_digest
+    from dht import DHT
+    from p2p import NodeConfig
+    from peer.training.trainer import CLAIMED_STEPS, TrainConfig, Trainer
+
+    dht = DHT(node_config=NodeConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+    trainer = None
+    try:
+        trainer = Trainer(dht, TrainConfig(state_timeout=2.0))
+        announced = trainer.sharer.refresh()
+        record = trainer.progress_record()
+        assert record["state_hashes"] == {"0": announced["state_hash"]}
+        assert announced["state_hash"] == tensors_digest(trainer.sync.shared_tensors())
+        for step in range(1, CLAIMED_STEPS + 3):
+            trainer.sync_rounds = step
+            trainer.take_snapshot()
+        claims = trainer.progress_record()["state_hashes"]
+        assert list(claims) == [str(s) for s in range(3, CLAIMED_STEPS + 3)]   # the last CLAIMED_STEPS steps
+    finally:
+        if trainer is not None:
+            trainer.shutdown()
+        dht.shutdown()
 
 
 def test_an_averaging_round_that_raises_is_a_failed_round_not_a_crash(caplog):

@@ -17,7 +17,7 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 from averaging.averager import StepResult
-from peer.training.privacy import (MAX_NOISE_MULTIPLIER, DPConfig, PrivacyBudgetSpent, Privatizer, epsilon_after,
+from peer.training.privacy import (MAX_NOISE_MULTIPLIER, DPConfig, PrivacyBudgetSpent, Privatizer,
                                    noise_for_epsilon)
 
 

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-samples", type=int, default=None, help="stop after this many local samples")
     train.add_argument("--shard", default="0/1", metavar="I/N",
                        help="train on shard I of N of the data (give each trainer its own)")
+    train.add_argument("--state-confirmations", type=int, default=2, metavar="N",
+                       help="accept the swarm's state (downloaded at start and whenever peers are ahead) only when N "
+                            "peers besides the one serving it announced its hash for that step; a peer serving "
+                            "another state is banned. Lower it in a swarm of fewer than N+2 trainers, where a "
+                            "restarted trainer could otherwise never catch up (default: %(default)s)")
     train.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                        help="save the trainer's state here periodically and on exit; resume from it")
     privacy = p.add_argument_group(
@@ -166,6 +171,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--swarm {args.swarm!r}: use a non-empty name without '/'")
     if args.experts < 0:
         raise ValueError("--experts must be >= 0")
+    if args.state_confirmations < 0:
+        raise ValueError("--state-confirmations must be >= 0")
     if args.bandwidth is not None and not 0 < args.bandwidth < float("inf"):
         raise ValueError(f"--bandwidth {args.bandwidth}: use a positive number of MB/s")
     try:

@@ -34,6 +34,9 @@ def _swarm_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--sync", default="diloco", choices=["diloco", "grad"], help="how the swarm trains it")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="longest wait for the state download and each expert (default: %(default)s s)")
+    p.add_argument("--state-confirmations", type=int, default=0, metavar="N",
+                   help="use the swarm's state only when N peers besides the one serving it announced its hash "
+                        "(default: %(default)s, any trainer's; the hash goes into exported files either way)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="how much to log to stderr (default: %(default)s)")
 
@@ -71,6 +74,8 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError("give either --initial-peers (the live swarm) or --checkpoint FILE (offline)")
         if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1) or not args.temperature >= 0:
             raise ValueError("need --max-new-tokens >= 0, --top-k >= 1 and --temperature >= 0")
+    if args.state_confirmations < 0:
+        raise ValueError("--state-confirmations must be >= 0")
     for addr in args.initial_peers:
         if "/p2p/" not in addr:
             raise ValueError(f"--initial-peers {addr}: the address must end with /p2p/<peer-id>")
@@ -96,14 +101,14 @@ def run(args: argparse.Namespace) -> int:
             dht = _join(args)
             if args.command == "export":
                 model, meta = export_model(dht, swarm=args.swarm, model_name=args.model, sync=args.sync,
-                                           timeout=args.timeout)
+                                           timeout=args.timeout, confirmations=args.state_confirmations)
                 path = save_model(args.out, model, quantize=args.quantize, meta=meta)
                 print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB): the {args.model} model after "
                       f"{meta.get('step', '?')} averaging rounds, {len(meta['experts'])} experts"
-                      f"{', int8 weights' if args.quantize else ''}", flush=True)
+                      f"{', int8 weights' if args.quantize else ''}; state hash {meta['state_hash'][:16]}", flush=True)
                 return 0
             lm = LanguageModel.from_swarm(dht, swarm=args.swarm, model=args.model, sync=args.sync,
-                                          timeout=args.timeout)
+                                          timeout=args.timeout, confirmations=args.state_confirmations)
         sys.stdout.write(args.prompt)
         for piece in lm.stream(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed):
             sys.stdout.write(piece)

@@ -90,7 +90,8 @@ def run_roles(dht, args: argparse.Namespace) -> int:
                                                compression=args.compression, bandwidth=args.bandwidth,
                                                data=args.data, shard=args.shard, num_shards=args.num_shards,
                                                checkpoint_dir=args.checkpoint_dir, dp=getattr(args, "dp", None),
-                                               clip_tau=getattr(args, "clip_tau", None)), model_config=model_config)
+                                               clip_tau=getattr(args, "clip_tau", None),
+                                               state_confirmations=args.state_confirmations), model_config=model_config)
             from .status import StatusLine
             with StatusLine(trainer, metrics) as status:
                 trainer.run(on_step=status.update)

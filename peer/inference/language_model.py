@@ -47,9 +47,11 @@ class LanguageModel:
 
     @classmethod
     def from_swarm(cls, dht: DHT, *, swarm: str = "default", model: str = "tiny", sync: str = "diloco",
-                   timeout: float = 60.0) -> "LanguageModel":
-        """The swarm's current model: dense state downloaded now, experts called where they are hosted."""
-        net, meta = swarm_model(dht, swarm=swarm, model_name=model, sync=sync, timeout=timeout)
+                   timeout: float = 60.0, confirmations: int = 0) -> "LanguageModel":
+        """The swarm's current model: dense state downloaded now (``confirmations``: only one that many peers
+        besides its donor announced), experts called where they are hosted."""
+        net, meta = swarm_model(dht, swarm=swarm, model_name=model, sync=sync, timeout=timeout,
+                                confirmations=confirmations)
         return cls(net, meta)
 
     @property

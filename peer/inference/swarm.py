@@ -22,9 +22,10 @@ import torch
 import trio
 
 from averaging.state import download_state
+from averaging.state_format import tensors_digest
 from dht import DHT
 from p2p import P2PError
-from peer.config import ModelConfig, training_prefix
+from peer.config import ModelConfig, progress_key, training_prefix
 from peer.moe.directory import ExpertDirectory
 from peer.moe.gating import all_uids
 from peer.moe.remote import RemoteMixtureOfExperts
@@ -54,10 +55,13 @@ def dense_names(model: MoETransformer) -> list[str]:
 
 
 def download_dense(dht: DHT, model: MoETransformer, *, swarm: str, model_name: str, sync: str,
-                   timeout: float = 60.0) -> dict:
-    """Load the swarm's newest dense state into ``model``; returns the state's metadata (``step``, ``samples``)."""
+                   timeout: float = 60.0, confirmations: int = 0) -> dict:
+    """Load the swarm's newest dense state into ``model``; returns the state's metadata (``step``, ``samples``,
+    and ``state_hash``: the hash trainers announce for that step, see :mod:`averaging.state_offers`).
+    ``confirmations``: accept only a state that many peers besides its donor announced."""
     prefix = training_prefix(swarm, model_name, sync)
-    found = download_state(dht, prefix, timeout=timeout)
+    found = download_state(dht, prefix, timeout=timeout, confirmations=confirmations,
+                           confirm_keys=[progress_key(prefix)])
     if found is None:
         raise SwarmUnavailable(f"no trainer offers the state of {prefix!r} (is anybody training it?)")
     metadata, tensors = found
@@ -68,15 +72,16 @@ def download_dense(dht: DHT, model: MoETransformer, *, swarm: str, model_name: s
     with torch.no_grad():
         for p, t in zip(dense, tensors):
             p.copy_(t)
-    return dict(metadata)
+    return {**metadata, "state_hash": tensors_digest(tensors)}
 
 
 def swarm_model(dht: DHT, *, swarm: str = "default", model_name: str = "tiny", sync: str = "diloco",
-                timeout: float = 60.0) -> tuple[MoETransformer, dict]:
+                timeout: float = 60.0, confirmations: int = 0) -> tuple[MoETransformer, dict]:
     """The swarm's model with its dense state downloaded and its experts called on their hosts, in eval mode."""
     config = ModelConfig.preset(model_name)
     model = MoETransformer(config, make_moe=remote_moe_factory(dht)).eval()
-    meta = download_dense(dht, model, swarm=swarm, model_name=model_name, sync=sync, timeout=timeout)
+    meta = download_dense(dht, model, swarm=swarm, model_name=model_name, sync=sync, timeout=timeout,
+                          confirmations=confirmations)
     return model, {"swarm": swarm, "model": model_name, "sync": sync, **meta}
 
 
@@ -125,12 +130,13 @@ def fetch_experts(dht: DHT, config: ModelConfig, timeout: float = 30.0) -> tuple
 
 
 def export_model(dht: DHT, *, swarm: str = "default", model_name: str = "tiny", sync: str = "diloco",
-                 timeout: float = 60.0) -> tuple[MoETransformer, dict]:
+                 timeout: float = 60.0, confirmations: int = 0) -> tuple[MoETransformer, dict]:
     """The swarm's whole model in this process (in-process experts), ready for
     :func:`peer.inference.model_file.save_model`; and its provenance."""
     config = ModelConfig.preset(model_name)
     model = MoETransformer(config)
-    meta = download_dense(dht, model, swarm=swarm, model_name=model_name, sync=sync, timeout=timeout)
+    meta = download_dense(dht, model, swarm=swarm, model_name=model_name, sync=sync, timeout=timeout,
+                          confirmations=confirmations)
     weights, origin = fetch_experts(dht, config, timeout=timeout)
     for layer, block in enumerate(model.blocks):
         for uid, expert in zip(block.moe.uids, block.moe.experts):

@@ -156,6 +156,7 @@ class Privatizer:
         self.config = config
         self.rounds: dict[float, int] = {}   # noise multiplier -> rounds counted with it (restored ones too)
         self.clipped = self.privatized = 0
+        self.spent = False                   # the budget ran out: we send nothing any more
         # Not torch's default generator: trainers seed that alike (identical initial weights), so its noise
         # would be known to every peer. A generator of our own, seeded from the OS's entropy.
         self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
@@ -174,6 +175,23 @@ class Privatizer:
         """False once one more round would take epsilon past the budget."""
         budget = self.config.epsilon_budget
         return budget is None or self.epsilon(extra_rounds=1) <= budget
+
+    def prepare(self, tensors: list[torch.Tensor]) -> bool:
+        """Clip and noise our contribution before a round (:meth:`privatize`); False (send nothing) once the budget
+        is spent, which with ``when_spent="stop"`` first raises :class:`PrivacyBudgetSpent`."""
+        if self.spent:
+            return False
+        if not self.may_contribute():
+            self.spent = True
+            message = (f"privacy budget spent: one more round would take epsilon past {self.config.epsilon_budget:g} "
+                       f"(now {self.epsilon():.3f} at delta {self.config.delta:g} after {self.rounds_counted} rounds)")
+            if self.config.when_spent == "stop":
+                raise PrivacyBudgetSpent(message)
+            logger.warning("%s; training on locally, never averaging again", message)
+            return False
+        norm = self.privatize(tensors)
+        logger.debug("Contribution norm %.4g, clipped to %g and noised", norm, self.config.clip)
+        return True
 
     @torch.no_grad()
     def privatize(self, tensors: list[torch.Tensor]) -> float:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peer.config import SYNC_MODES
+from peer.config import STATE_CONFIRMATIONS, SYNC_MODES
 
 from .privacy import DPConfig
 
@@ -18,6 +18,8 @@ class TrainConfig:
     :param total_samples: horizon of the cosine learning-rate schedule, in swarm-wide samples.
     :param bandwidth: upload MB/s declared to the averager (parts and pacing, see :class:`~averaging.Averager`).
     :param dp: differential privacy of our contributions (:class:`~peer.training.privacy.DPConfig`; None: off).
+    :param state_confirmations: accept a downloaded state only when this many peers besides its donor announced
+        its hash for its step (0: trust any donor whose bytes match its own announcement).
     :param clip_tau: CenteredClip radius for the averaging parts we own (Byzantine-robust rounds, see
         :class:`~averaging.AveragerConfig`); None: the exact weighted mean.
     """
@@ -49,12 +51,15 @@ class TrainConfig:
     k_min: int = 1
     state_timeout: float = 60.0
     share_every: float = 10.0
+    state_confirmations: int = STATE_CONFIRMATIONS
     dp: DPConfig | None = None
     clip_tau: float | None = None
 
     def __post_init__(self) -> None:
         if self.sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {self.sync!r}")
+        if self.state_confirmations < 0:
+            raise ValueError(f"state_confirmations must be >= 0, got {self.state_confirmations}")
         if self.batch_size < 1 or self.local_steps < 1 or not 0 <= self.shard < self.num_shards:
             raise ValueError("need batch_size >= 1, local_steps >= 1 and 0 <= shard < num_shards")
 

@@ -28,6 +28,7 @@ import torch
 
 from averaging import Averager, AveragerConfig
 from averaging.state import StateDownloadError, StateSharer, download_state
+from averaging.state_format import tensors_digest
 from dht import DHT, get_dht_time, subkey_entries
 from p2p import P2PError
 
@@ -44,6 +45,8 @@ from .sync import STRATEGIES
 from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
+
+CLAIMED_STEPS = 8   # our progress record vouches for the states of our last this many steps
 
 class Trainer:
     """Trains the swarm's MoE language model on this machine's data shard. Blocking; call :meth:`run`."""
@@ -67,7 +70,6 @@ class Trainer:
             matchmaking_time=config.matchmaking_time, bandwidth=config.bandwidth, clip_tau=config.clip_tau,
             error_feedback=self.sync.error_feedback))
         self.privacy = Privatizer(config.dp) if config.dp else None  # clips and noises what we contribute
-        self.budget_spent = False  # our privacy budget ran out; with dp.when_spent="local" we train on alone
         self.step = self.samples = self.samples_since_sync = 0
         self.rounds_ok = self.rounds_failed = 0
         self.skipped_steps = 0  # batches skipped because too few experts answered
@@ -82,6 +84,7 @@ class Trainer:
         self.samples_seen_at = 0     # our own sample count at that look
         self.loss_ema: float | None = None
         self.history: list[dict] = []
+        self.state_hashes: dict[str, str] = {}   # step -> hash of our shared state then (the last CLAIMED_STEPS)
         self._restore()
         self.take_snapshot()
         self.catch_up()
@@ -129,7 +132,7 @@ class Trainer:
         privacy the tensors are clipped and noised first, and a round whose group formed is counted by the
         accountant; once the budget is spent, :class:`PrivacyBudgetSpent` ends training (``when_spent="stop"``)
         or we never average again (``"local"``)."""
-        if self.privacy is not None and not self._privatize():
+        if self.privacy is not None and not self.privacy.prepare(self.sync.tensors):
             return False
         try:
             result = self.averager.step(weight=weight)
@@ -150,22 +153,10 @@ class Trainer:
             self.sync_rounds += 1
         return result.ok
 
-    def _privatize(self) -> bool:
-        """Clip and noise our contribution; False (we must not send it) once the budget is spent."""
-        if self.budget_spent:
-            return False
-        if not self.privacy.may_contribute():
-            self.budget_spent = True
-            message = (f"privacy budget spent: one more round would take epsilon past "
-                       f"{self.privacy.config.epsilon_budget:g} (now {self.privacy.epsilon():.3f} at delta "
-                       f"{self.privacy.config.delta:g} after {self.privacy.rounds_counted} rounds)")
-            if self.config.dp.when_spent == "stop":
-                raise PrivacyBudgetSpent(message)
-            logger.warning("%s; training on locally, never averaging again", message)
-            return False
-        norm = self.privacy.privatize(self.sync.tensors)
-        logger.debug("Contribution norm %.4g, clipped to %g and noised", norm, self.privacy.config.clip)
-        return True
+    @property
+    def budget_spent(self) -> bool:
+        """Our privacy budget ran out (with ``dp.when_spent="local"`` we train on alone)."""
+        return self.privacy is not None and self.privacy.spent
 
     # ------------------------------------------------------------------ shared state
     def take_snapshot(self) -> None:
@@ -177,14 +168,19 @@ class Trainer:
         metadata = {"step": self.sync_rounds, "samples": max(self.global_samples, self.samples),
                     "model": self.config.model, "sync": self.config.sync}
         self._snapshot = metadata, [t.detach().clone() for t in self.sync.shared_tensors()]
+        self.state_hashes[str(self.sync_rounds)] = tensors_digest(self._snapshot[1])   # what we claim, per step
+        while len(self.state_hashes) > CLAIMED_STEPS:
+            self.state_hashes.pop(next(iter(self.state_hashes)))
 
     def catch_up(self) -> bool:
         """Download the swarm's shared state if a peer announces a newer one than ours; True if we did."""
         try:
             found = download_state(self.dht, self.prefix, timeout=self.config.state_timeout,
-                                   newer_than=self.sync_rounds)
+                                   newer_than=self.sync_rounds, confirmations=self.config.state_confirmations,
+                                   confirm_keys=[progress_key(self.prefix)], bans=self.averager.bans)
         except StateDownloadError as e:
-            logger.warning("Could not download the swarm's state, training from our own: %s", e)
+            hint = " (in a swarm of few trainers, lower --state-confirmations)" if "is confirmed" in str(e) else ""
+            logger.warning("Could not download the swarm's state, training from our own: %s%s", e, hint)
             return False
         if found is None:
             return False
@@ -261,7 +257,8 @@ class Trainer:
         rounds in our state), ``sps`` (our samples/s since the previous record), ``peers`` (routing table),
         ``rounds_ok``/``rounds_failed``/``bytes_sent``, ``started``; ``recent`` (our last rounds), ``ledger``
         (:class:`~peer.training.ledger.ContributionLedger`), ``experts`` (per UID ``[calls, rows, failures,
-        mean ms]``) and ``hosts`` (rows each host answered us)."""
+        mean ms]``), ``hosts`` (rows each host answered us), ``state_hashes`` (step -> hash of our shared state
+        then, which newcomers check downloads against); with DP, ``epsilon`` and ``dp`` (the accountant's figures)."""
         now, (then, samples_then) = time.monotonic(), self._last_published
         self._last_published = (now, self.samples)
         calls = self.call_stats()
@@ -271,7 +268,7 @@ class Trainer:
                 "peers": len(self.dht.routing), "rounds_ok": self.rounds_ok, "rounds_failed": self.rounds_failed,
                 "bytes_sent": self.bytes_sent, "started": self.started_at, "recent": list(self.ledger.recent),
                 "ledger": self.ledger.record(), "experts": {u: t.as_list() for u, t in sorted(calls.by_uid.items())},
-                "hosts": {h: t.rows for h, t in sorted(calls.by_host.items())},
+                "hosts": {h: t.rows for h, t in sorted(calls.by_host.items())}, "state_hashes": dict(self.state_hashes),
                 **({"epsilon": self.privacy.epsilon(), "dp": self.privacy.record()} if self.privacy else {})}
 
     def publish_progress(self) -> None:
@@ -373,6 +370,10 @@ class Trainer:
                         "%d bytes (%d sent)", self.samples, self.step,
                         f"{self.history[-1]['eval_loss']:.4f}" if self.history else "none",
                         self.rounds_ok, self.rounds_failed, self.averaging_bytes, self.bytes_sent)
+            if self.privacy is not None:
+                p = self.privacy
+                logger.info("Privacy: epsilon %.4f at delta %g over %d rounds (noise %.4f x clip %g)", p.epsilon(),
+                            p.config.delta, p.rounds_counted, p.config.noise_multiplier, p.config.clip)
         finally:
             if c.checkpoint_dir:
                 self.save()
