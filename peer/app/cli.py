@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--clip-tau", default=None, metavar="TAU|auto",
                          help="Byzantine-robust averaging: the parts this peer reduces are aggregated with "
                               "CenteredClip of radius TAU (L2) instead of the mean, so a peer sending garbage moves "
-                              "them by at most TAU times its weight share; 'auto' sets TAU from the honest spread "
-                              "measured in this peer's first rounds. Off by default (exact mean)")
+                              "them by at most TAU times its weight share; 'auto' measures TAU in every round, per "
+                              "part: twice the median distance of the contributions to their median (the honest "
+                              "spread while honest peers hold most of the weight). Off by default (exact mean)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML or JSON file of flag values (keys as flag names without dashes, e.g. "
                         "initial_peers); flags given on the command line win")
