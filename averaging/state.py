@@ -50,9 +50,9 @@ from .state_format import StateFormatError, check_step, decode_state, encode_sta
     tensors_digest
 from .state_offers import MAX_PIECE_BYTES, MAX_PIECES, MIN_PIECE_BYTES, Offer, confirmations_of, parse_claims, \
     parse_offers, state_key
-from .state_transfer import StateDownloadError, Transfer, fetch_hashes
+from .state_transfer import StateDownloadError, StateUnconfirmed, Transfer, fetch_hashes
 
-__all__ = ["StateSharer", "StateDownloadError", "StateFormatError", "adownload_state", "download_state",
+__all__ = ["StateSharer", "StateDownloadError", "StateUnconfirmed", "StateFormatError", "adownload_state", "download_state",
            "decode_state", "encode_state", "piece_hashes", "state_digest"]
 
 logger = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ async def adownload_state(dht: DHT, prefix: str, *, timeout: float = 300.0, max_
                         f"; confirmed by {confirmations_of(claims, offer, donor_ids)} other peers" if confirmations else "")
             return metadata, tensors
         if not errors:
-            raise StateDownloadError(f"no state of {prefix!r} is confirmed: {unconfirmed} offers, none whose hash "
+            raise StateUnconfirmed(f"no state of {prefix!r} is confirmed: {unconfirmed} offers, none whose hash "
                                      f"{confirmations} peers besides its donor claimed for its step")
         raise StateDownloadError(f"state {prefix!r} was announced but every offer failed: {errors}")
     raise StateDownloadError(f"no verified state {prefix!r} within {timeout}s (errors so far: {errors})")
@@ -287,9 +287,8 @@ def _check_claimed(offer: Offer, metadata: dict, got: str, served: Counter, bans
     if got != offer.state_hash or metadata.get("step") != offer.step:
         reason = (f"served a state of step {metadata.get('step')!r} with hash {got[:12]}, not the step {offer.step} "
                   f"state {str(offer.state_hash)[:12]} it announced and others confirmed")
-        for donor in served:
-            if bans is not None:
-                bans.ban(donor, reason)
+        for donor in served if bans is not None else ():
+            bans.ban(donor, reason)
         raise StateFormatError(f"donors {[d[-8:] for d in served]} {reason}")
 
 

@@ -29,6 +29,10 @@ class StateDownloadError(P2PError):
     """State was announced, but no donor delivered a complete, verified copy in time."""
 
 
+class StateUnconfirmed(StateDownloadError):
+    """State was announced, but no offer had the confirmations asked for (none was downloaded)."""
+
+
 class Transfer:
     """One download of one offer: donors pull ranges from a shared queue until every piece is verified."""
 

@@ -1,6 +1,4 @@
 """Gossip with real processes: disagreement falls >= 100x within a bounded number of exchanges."""
-import json
-import os
 import subprocess
 import sys
 import time

@@ -27,6 +27,7 @@ from averaging.state import (
     StateDownloadError,
     StateFormatError,
     StateSharer,
+    StateUnconfirmed,
     decode_state,
     download_state,
     encode_state,
@@ -318,7 +319,7 @@ def test_highest_step_then_most_donors_wins(client, donors):
 @pytest.mark.slow
 def test_only_states_other_peers_confirm_are_accepted(client, donors):
     # "vote": A and B hold step 5 / seed 0 (one blob: each vouches for the other), C alone another step 5
-    with pytest.raises(StateDownloadError, match="no state of 'vote' is confirmed: 2 offers"):
+    with pytest.raises(StateUnconfirmed, match="no state of 'vote' is confirmed: 2 offers"):
         download_state(client, "vote", timeout=30, confirmations=2)
     assert_same_state(download_state(client, "vote", timeout=30, confirmations=1), make_state(1, 5, seed=0))
 

@@ -211,7 +211,7 @@ def test_prometheus_carries_the_new_figures():
     calls = ExpertCallStats()
     calls.record("ffn0.0.0", C, 10, 0.1, ok=False)
     trainer = SimpleNamespace(loss_ema=2.0, history=[{"eval_loss": 2.1}], dht=SimpleNamespace(routing=[1, 2]),
-                              rounds_ok=1, rounds_failed=0, bytes_sent=100, ledger=ledger, samples=8,
+                              rounds_ok=1, rounds_failed=0, bytes_sent=100, ledger=ledger, samples=8, privacy=None,
                               call_stats=lambda: calls)
     metrics.update_trainer(trainer, 3.0)
     metrics.update_host(SimpleNamespace(load=lambda: {"rows": 42, "uids": {"ffn0.0.0": [30, 12, 3, 1, 5.0]}}))

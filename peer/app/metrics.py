@@ -60,7 +60,7 @@ class Metrics:
         self.averaged_samples.set(trainer.ledger.averaged)
         self.partners_seen_samples.set(sum(trainer.ledger.seen.values()))
         self.expert_call_failures.set(sum(t.failures for t in trainer.call_stats().by_host.values()))
-        if getattr(trainer, "privacy", None) is not None:   # a trainer without --dp-* may predate it
+        if trainer.privacy is not None:
             self.dp_epsilon.set(trainer.privacy.epsilon())
             self.dp_delta.set(trainer.privacy.config.delta)
             self.dp_rounds.set(trainer.privacy.rounds_counted)

@@ -215,9 +215,9 @@ class Privatizer:
         self.rounds[sigma] = self.rounds.get(sigma, 0) + 1
 
     def record(self) -> dict:
-        """What the trainer's progress record says of its privacy (``epsilon`` at ``delta``, rounds, C, sigma)."""
+        """What the trainer's progress record says of its privacy besides epsilon: ``delta``, rounds, C, sigma."""
         c = self.config
-        return {"epsilon": round(self.epsilon(), 4), "delta": c.delta, "rounds": self.rounds_counted,
+        return {"delta": c.delta, "rounds": self.rounds_counted,
                 "clip": c.clip, "noise": round(c.noise_multiplier, 4), "budget": c.epsilon_budget,
                 "clipped": self.clipped, "privatized": self.privatized}
 
