@@ -22,6 +22,9 @@ members own nothing). Then, on every member at once:
    nobody holds (its owner died before sending it to anyone) is reduced again, from the contributions of
    exactly the round's membership, by its first responsive non-client member.
 
+With secure aggregation (:mod:`averaging.masked_round`) phase 1 carries masked fixed-point slices and the owner
+asks the settled members for corrections before it unmasks the sum; the other phases are the same.
+
 A member commits (writes results into its tensors) only if it holds every part and every part holds the
 same membership of two or more; otherwise the round fails explicitly and its tensors stay unchanged.
 Members keep a finished round around for ``linger`` seconds so that others can still fetch parts from them.
@@ -40,15 +43,14 @@ from p2p.streams import PayloadSender, receive_payload
 from .bans import BanList
 from .checks import all_finite, max_abs
 from .feedback import RoundFeedback
-from .group import Member, RoundConfig
+from .group import KEEPALIVE, Member, RoundConfig
+from .masked_round import MaskedParts, SecureRound
 from .membership import agreed, parse_result_header, result_header, settle
 from .repair import RepairPhase
 from .partition import iter_chunks, pacing_rates, split_by_bandwidth
 from .reduce import BadContribution, PartReducer, ReduceError
 
 logger = logging.getLogger(__name__)
-
-KEEPALIVE = "wait"
 
 
 @dataclass
@@ -65,7 +67,7 @@ class RoundStats:
         self.timeline[phase] = trio.current_time()
 
 
-class AllReduceRound(RepairPhase):
+class AllReduceRound(RepairPhase, MaskedParts):
     """One member's state for one all-reduce round; created by :class:`~averaging.averager.Averager`.
 
     :param node: our p2p node; ``config``: the averager's :class:`~averaging.group.RoundConfig`.
@@ -74,14 +76,18 @@ class AllReduceRound(RepairPhase):
     :param result: where reduced parts land (same size as ``local``).
     :param bans: peers caught sending garbage (banned here, consulted in repair).
     :param feedback: compresses what we send, with error feedback if the averager keeps it.
+    :param secure: the round's secure aggregation (:mod:`averaging.masked_round`), or None for a plain round.
     """
 
     def __init__(self, node: Node, config: RoundConfig, round_id: str, members: list[Member], me: str,
-                 weight: float, local: torch.Tensor, result: torch.Tensor, bans: BanList, feedback: RoundFeedback):
+                 weight: float, local: torch.Tensor, result: torch.Tensor, bans: BanList, feedback: RoundFeedback,
+                 secure: SecureRound | None = None):
         self.node, self.config, self.round_id, self.members, self.weight = node, config, round_id, members, weight
         self.compression, self.chunk_elems, self.chunk_timeout = config.compression, config.chunk_elems, \
             config.chunk_timeout
-        self.me, self.bans, self.feedback = me, bans, feedback
+        self.me, self.bans, self.feedback, self.secure = me, bans, feedback, secure
+        self.asked: dict[int, trio.Event] = {}                # secure: the owner knows whose corrections it needs
+        self.correction_asks: dict[int, list[str]] = {}       # secure: part -> the members outside its membership
         self.peer_ids = [m.peer_id for m in members]
         self.index = self.peer_ids.index(me)
         self.parts = split_by_bandwidth(local.numel(), [0.0 if m.client else m.bandwidth for m in members])
@@ -111,7 +117,7 @@ class AllReduceRound(RepairPhase):
     def open_part(self, part: int, senders: list[str]) -> PartReducer:
         """Start reducing ``part`` from ``senders`` (we must be one of them); our own slice goes in now."""
         start, end = self.parts[part]
-        reducer = PartReducer(end - start, senders, clip_tau=self.config.clip_tau)
+        reducer = self._new_reducer(part, senders)
         own = self.local[start:end]
         # our slice goes in exactly: what earlier rounds lost of it goes in with it, once
         lost = [(a, b, r) for a, b in self._chunks(part) if (r := self.feedback.take(("sent", a, b))) is not None]
@@ -119,7 +125,7 @@ class AllReduceRound(RepairPhase):
             own = own.clone()
             for a, b, residual in lost:
                 own[a - start:b - start] += residual
-        reducer.add(self.me, 0, own, self.weight, copy=False)  # the round's snapshot: it does not change
+        reducer.add(self.me, 0, self._own_slice(part, own), self.weight, copy=False)  # the round's snapshot
         reducer.sender_finished(self.me)
         self.reducers[part] = reducer
         self._event(self.reducer_ready, part).set()
@@ -173,22 +179,22 @@ class AllReduceRound(RepairPhase):
         for sender in reducer.active_senders:
             if sender not in members:
                 reducer.exclude(sender)
-        if not reducer.active_senders:
+        mean = reducer.result() if reducer.active_senders and await self._unmask(part, reducer, members) else None
+        if mean is None or self.secure and not self._in_range(mean):
             logger.info("Round %s: part %d has no contribution left to average", self.round_id[-8:], part)
             del self.reducers[part]
-            self._event(self.result_ready, part).set()
+            self._part_done(part)
             return
         self.memberships[part] = tuple(sorted(members))
         if part == self.index and not repair:
             self.stats.observed_weights = reducer.weights()
-        mean = reducer.result()
         start, _ = self.parts[part]
         self.result_bytes[part] = [self.feedback.compress(("result", a, b), mean[a - start:b - start].contiguous(),
                                                           out=self.result[a:b]) for a, b in self._chunks(part)]
         self.have.add(part)
         self.stats.mark("reduced")
         del self.reducers[part]  # free the per-sender buffers now
-        self._event(self.result_ready, part).set()
+        self._part_done(part)
 
     def _nonempty(self, part: int) -> bool:
         return self.parts[part][0] < self.parts[part][1]
@@ -234,13 +240,10 @@ class AllReduceRound(RepairPhase):
                     stream.pace(self.upload_pace[part])
                 sender = PayloadSender(stream, window_bytes=self.config.window_bytes, timeout=self.chunk_timeout)
                 for a, b in self._chunks(part):
-                    await sender.send(self.feedback.compress(("sent", a, b), self.local[a:b]))
+                    await sender.send(self._contribution(part, a, b))
                 await sender.finish()
                 self.stats.mark("sent")  # the last part's send to end sets it
-                msg = await stream.recv_msg()
-                while msg == KEEPALIVE:
-                    msg = await stream.recv_msg()
-                members = parse_result_header(msg, self.peer_ids)
+                members = parse_result_header(await self._result_header(stream, part), self.peer_ids)
                 chunks = list(self._chunks(part))
                 async with receive_payload(stream, window_bytes=self.config.window_bytes,
                                            timeout=self.chunk_timeout) as incoming:
@@ -306,12 +309,8 @@ class AllReduceRound(RepairPhase):
             async with receive_payload(stream, window_bytes=self.config.window_bytes,
                                        timeout=self.chunk_timeout) as incoming:
                 for a, b in self._chunks(part):
-                    blob = await incoming.__anext__()
-                    try:
-                        values = self.compression.decompress(blob, b - a)
-                    except ValueError as e:
-                        raise BadContribution(sender_id, f"undecodable chunk at {a - start}: {e}") from None
-                    bound = self.config.max_abs_value
+                    values = self._decode_contribution(sender_id, await incoming.__anext__(), b - a)
+                    bound = None if self.secure else self.config.max_abs_value  # masked: uniform noise
                     if bound is not None and max_abs(values) > bound:
                         raise BadContribution(sender_id, f"chunk at {a - start} has values beyond +-{bound:g}")
                     reducer.add(sender_id, a - start, values, weight)
@@ -330,6 +329,8 @@ class AllReduceRound(RepairPhase):
                 logger.info("Round %s: excluded %s from part %d: %s", self.round_id[-8:], sender_id[-8:], part,
                             e or type(e).__name__)
             raise
+        if self.secure:
+            await self._serve_correction(stream, sender_id, part)
         ready = self._event(self.result_ready, part)
         while not ready.is_set():
             with trio.move_on_after(self.config.keepalive_interval):

@@ -34,8 +34,10 @@ from .compression import choose_compression, default_chunk_elems
 from .config import AveragerConfig
 from .feedback import ErrorFeedback, RoundFeedback
 from .group import Member, RoundConfig
+from .masked_round import SecureRound
 from .matchmaking import Deadlines, Matchmaker, MatchmakingFailed, group_key as matchmaking_key
 from .partition import FlatBuffer
+from .secure import RoundKeys, SecureAggregationError
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ class Averager:
         self.buffer = FlatBuffer(tensors)
         self.results = [torch.empty_like(self.buffer.buffer), torch.empty_like(self.buffer.buffer)]
         self.round_config = round_config(c, self.buffer.numel, f"averager.{prefix}")
-        signature = self.buffer.signature()
+        signature = (self.buffer.signature(), "secure aggregation") if c.secure_aggregation else self.buffer.signature()
         self.tasks = self.node.task_group(f"averager {prefix}")   # forgetting finished rounds, tombstones
         self.matchmaker = Matchmaker(dht, self.tasks, self.round_config.service, prefix,
                                      Member(self.peer_id, self.bandwidth, self.client_mode), repr(signature),
@@ -177,23 +179,30 @@ class Averager:
             local = self.buffer.load_from_tensors()
             if not all_finite(local):
                 raise ValueError("our own tensors contain NaN/Inf; refusing to average them into the group")
-            bound = self.round_config.max_abs_value
-            if bound is not None and max_abs(local) > bound:
+            bound = self.round_config.max_abs_value  # a secure round clips to it instead (masked_round)
+            if bound is not None and not self.config.secure_aggregation and max_abs(local) > bound:
                 raise ValueError(f"our own tensors have values beyond +-{bound:g} (max_abs_value); "
                                  f"the group would ban us")
             budget = timeout or self._default_timeout()
             result = StepResult(ok=False)
             round_ = None
             with trio.move_on_after(budget) as scope:
+                key = group_key or matchmaking_key(self.prefix)
+                keys = RoundKeys(key.encode(), self.peer_id, self.node.key_pair.private_key.sign) \
+                    if self.config.secure_aggregation else None
+                offer = {"pk": keys.public_key, "ksig": keys.signature, "w": float(weight)} if keys else None
                 try:
-                    round_id, members = await self.matchmaker.form_group(group_key or matchmaking_key(self.prefix), group_size)
-                except MatchmakingFailed as e:
+                    round_id, members = await self.matchmaker.form_group(key, group_size, offer)
+                    secure = SecureRound(keys, self.matchmaker.offers, round_id, self.peer_id,
+                                         self.config.max_abs_value) if keys else None
+                except (MatchmakingFailed, SecureAggregationError) as e:
                     result.reason = f"matchmaking failed: {e}"
                     return self._finish(result, started)
                 group_formed = trio.current_time()
                 result.matchmaking_s = group_formed - started
                 round_ = AllReduceRound(self.node, self.round_config, round_id, members, self.peer_id, float(weight),
-                                        local, self.result, self.bans, RoundFeedback(self.feedback, self.compression))
+                                        local, self.result, self.bans, RoundFeedback(self.feedback, self.compression),
+                                        secure)
                 self.rounds[round_id] = round_
                 self._registered.setdefault(round_id, trio.Event()).set()
                 result.ok = await round_.run()

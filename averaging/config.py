@@ -40,6 +40,11 @@ class AveragerConfig:
         of the parts we reduce lost to compression, and add it to the same chunk next round (EF-SGD), so
         quantization errors cancel over rounds instead of accumulating. Meant for averaging updates (DiLoCo
         pseudo-gradients, gradients), not parameters. Kept only across successful rounds.
+    :param secure_aggregation: part owners see only masked contributions and learn only their sum
+        (:mod:`averaging.masked_round`: pairwise masks agreed in matchmaking, fixed point modulo 2**32, 4 bytes
+        an element). Needs ``max_abs_value`` (contributions are clipped to it: the fixed point's range), and rules
+        out ``clip_tau``, lossy ``compression`` and ``error_feedback``, which need to see single contributions.
+        Peers with and without it never average together.
     :param ban_seconds: how long a peer that sent NaN/inf, out-of-range or undecodable data is refused
         (:mod:`averaging.bans`); 0 disables banning (such data is still excluded from the round).
     """
@@ -56,6 +61,7 @@ class AveragerConfig:
     max_abs_value: float | None = None
     error_feedback: bool = False
     ban_seconds: float = 600.0
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_group_size <= self.target_group_size:
@@ -67,5 +73,9 @@ class AveragerConfig:
             raise ValueError(f"clip_tau must be a positive finite number or 'auto', got {self.clip_tau!r}")
         if self.max_abs_value is not None and not self.max_abs_value > 0:
             raise ValueError(f"max_abs_value must be > 0, got {self.max_abs_value!r}")
+        if self.secure_aggregation and (self.max_abs_value is None or self.clip_tau is not None
+                                        or self.compression != "none" or self.error_feedback):
+            raise ValueError("secure_aggregation needs max_abs_value (the range contributions are clipped to) and "
+                             "no clip_tau, compression or error_feedback (they need single contributions)")
         if not self.matchmaking_time > 0 or self.chunk_bytes < 1 or self.window_bytes < 1:
             raise ValueError("need matchmaking_time > 0, chunk_bytes >= 1 and window_bytes >= 1")

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from .compression import Compression
 
+#: what an owner still reducing sends its senders now and then, so that they know it is alive
+KEEPALIVE = "wait"
+
 
 @dataclass(frozen=True)
 class Member:

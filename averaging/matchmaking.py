@@ -14,6 +14,8 @@
    answers once the group is complete or the join window closes, with the final member list — the
    leader's list is the single source of truth, so differing DHT views cannot split a group. A peer
    asked to lead while it follows someone else redirects the caller there (at most a few hops).
+   With secure aggregation every member's join also carries its signed round key and weight (its *offer*);
+   the leader answers with all the members' offers (:mod:`averaging.masked_round` verifies them).
 5. **Withdraw.** Members overwrite their announcement with a "done" tombstone so the next round
    does not pick them up twice.
 
@@ -99,6 +101,7 @@ class Gathering:
     done: trio.Event = field(default_factory=trio.Event)
     changed: trio.Event = field(default_factory=trio.Event)
     failed: str | None = None
+    offers: dict[str, Any] = field(default_factory=dict)   # secure aggregation: each member's signed key, weight
 
 
 class Matchmaker:
@@ -131,11 +134,16 @@ class Matchmaker:
         return Deadlines(self.matchmaking_time, self.rtt)
 
     # ------------------------------------------------------------------ one matchmaking attempt
-    async def form_group(self, group_key: str, group_size: int | None = None) -> tuple[str, list[Member]]:
-        """Run steps 1-5 of the module docstring under ``group_key``; returns (round id, members)."""
+    async def form_group(self, group_key: str, group_size: int | None = None, offer: dict | None = None
+                         ) -> tuple[str, list[Member]]:
+        """Run steps 1-5 of the module docstring under ``group_key``; returns (round id, members).
+
+        ``offer``: our secure aggregation offer (``{"pk", "ksig", "w"}``); then ``self.offers`` holds every
+        member's afterwards, and a leader refuses joins without one."""
         me = self.me
         self.group_size = group_size or self.target_group_size
         self.gathering, self.following, self.decided = None, None, trio.Event()
+        self.offer, self.offers = offer, {}
         announced_at = get_dht_time()
         expiration = announced_at + self.deadlines.announcement_ttl
         entry = {"bw": me.bandwidth, "client": me.client, "sig": self.signature_hash, "t": announced_at}
@@ -215,6 +223,8 @@ class Matchmaker:
         g = Gathering(round_id=f"{self.prefix}|{me.peer_id[-12:]}|{os.urandom(6).hex()}",
                       expected={m.peer_id for m in group}, members=[me], capacity=self.group_size,
                       deadline=trio.current_time() + window)
+        if self.offer is not None:
+            g.offers[me.peer_id] = self.offer
         self.gathering = g
         self.decided.set()
         with trio.move_on_after(window):
@@ -226,6 +236,7 @@ class Matchmaker:
         g.done.set()
         if g.failed:
             raise MatchmakingFailed(g.failed)
+        self.offers = {m.peer_id: g.offers.get(m.peer_id) for m in g.members}
         return g.round_id, self._ordered(g.members)
 
     @staticmethod
@@ -233,7 +244,8 @@ class Matchmaker:
         return [members[0]] + sorted(members[1:], key=lambda m: m.peer_id)
 
     async def _join(self, leader: str, me: Member) -> tuple[str, list[Member]]:
-        args = {"sig": self.signature_hash, "bw": me.bandwidth, "client": me.client}
+        args = {"sig": self.signature_hash, "bw": me.bandwidth, "client": me.client,
+                **({"secure": self.offer} if self.offer is not None else {})}
         for _ in range(MAX_REDIRECTS):
             started = trio.current_time()
             try:
@@ -257,6 +269,8 @@ class Matchmaker:
                 raise MatchmakingFailed(f"malformed join reply from {leader[-8:]}") from None
             if me.peer_id not in [m.peer_id for m in members]:
                 raise MatchmakingFailed("the leader's group does not include us")
+            offers = reply.get("secure")
+            self.offers = {m.peer_id: offers.get(m.peer_id) for m in members} if isinstance(offers, dict) else {}
             self.rtt = 0.8 * self.rtt + 0.2 * min(trio.current_time() - started, 1.0) / 10
             return round_id, members
         raise MatchmakingFailed("too many redirects while looking for a leader")
@@ -278,6 +292,10 @@ class Matchmaker:
             raise MatchmakingFailed("not looking for a group right now")
         if g.done.is_set() or len(g.members) >= g.capacity:
             raise MatchmakingFailed("group already formed")
+        if (self.offer is not None) != isinstance(args.get("secure"), dict):
+            raise SignatureMismatch("one of us runs secure aggregation and the other does not")
+        if self.offer is not None:
+            g.offers[peer_id] = args["secure"]
         if peer_id not in {m.peer_id for m in g.members}:
             g.members.append(Member(peer_id, float(args["bw"]), bool(args.get("client", False))))
             g.changed.set()
@@ -285,7 +303,8 @@ class Matchmaker:
             await g.done.wait()
         if g.failed or not g.done.is_set():
             raise MatchmakingFailed(g.failed or "group did not form in time")
-        return {"round": g.round_id, "members": [[m.peer_id, m.bandwidth, m.client] for m in self._ordered(g.members)]}
+        return {"round": g.round_id, "members": [[m.peer_id, m.bandwidth, m.client] for m in self._ordered(g.members)],
+                **({"secure": g.offers} if self.offer is not None else {})}
 
 
 class SignatureMismatch(ValueError):

@@ -3,9 +3,10 @@
 A part owner that sums the members' slices of its part should learn the sum and nothing about any one
 member's slice. The steps, for a group of members with distinct peer IDs:
 
-1. **Keys.** Each member makes a fresh X25519 key pair for the round and signs its public key, together with
-   the round's ID, with its libp2p identity (ed25519), so nobody can put a key of its own between two members
-   (:class:`RoundKeys`, :func:`verify_public_key`).
+1. **Keys.** Each member makes a fresh X25519 key pair for each matchmaking attempt and signs its public key,
+   together with the group key it meets under, with its libp2p identity (ed25519), so nobody (the leader that
+   relays the keys included) can put a key of its own between two members (:class:`RoundKeys`,
+   :func:`verify_public_key`).
 2. **Pairwise seeds.** Members ``i`` and ``j`` derive one 32-byte seed from their X25519 shared secret with
    HKDF-SHA256, bound to the round ID and both peer IDs (:meth:`RoundKeys.pair_seed`); nobody else can.
 3. **Fixed point.** Each member encodes ``weight * value`` as integers modulo ``2**32``: ``round(v * scale)``
@@ -23,7 +24,7 @@ member's slice. The steps, for a group of members with distinct peer IDs:
 What the owner cannot do any more: check one member's slice (NaN, range, CenteredClip), since it sees only
 uniform noise until the sum. What still works: the sum's own range, and every check on the result.
 
-This module is the arithmetic; it is not wired into :mod:`averaging.allreduce` yet.
+This module is the arithmetic; :mod:`averaging.masked_round` runs it inside an all-reduce round.
 """
 from __future__ import annotations
 
@@ -45,41 +46,43 @@ class SecureAggregationError(ValueError):
     """A key that does not verify, a peer ID that cannot sign, or values the fixed point cannot hold."""
 
 
-def _signed_payload(round_id: bytes, public_key: bytes) -> bytes:
-    return b"swarmtrain secure aggregation v1|" + round_id + b"|" + public_key
+def _signed_payload(context: bytes, public_key: bytes) -> bytes:
+    return b"swarmtrain secure aggregation v1|" + context + b"|" + public_key
 
 
 class RoundKeys:
     """Our fresh X25519 key pair for one round, and the pairwise seeds it yields (steps 1 and 2).
 
-    :param round_id: the round's ID (every member knows it from matchmaking).
+    :param context: what the key is for, signed with it (the group key its member meets under).
     :param peer_id: our peer ID; ``sign`` signs bytes with our identity's private key (ed25519).
     """
 
-    def __init__(self, round_id: bytes, peer_id: str, sign):
-        self.round_id, self.peer_id = round_id, peer_id
+    def __init__(self, context: bytes, peer_id: str, sign):
+        self.context, self.peer_id = context, peer_id
         self._private = X25519PrivateKey.generate()
         self.public_key = self._private.public_key().public_bytes(serialization.Encoding.Raw,
                                                                   serialization.PublicFormat.Raw)
-        self.signature = sign(_signed_payload(round_id, self.public_key))
+        self.signature = sign(_signed_payload(context, self.public_key))
 
-    def pair_seed(self, other_id: str, other_public_key: bytes) -> bytes:
-        """The seed we share with ``other_id`` (verify its key with :func:`verify_public_key` first)."""
+    def pair_seed(self, other_id: str, other_public_key: bytes, round_id: bytes = b"") -> bytes:
+        """The seed we share with ``other_id`` in round ``round_id`` (verify its key with :func:`verify_public_key`
+        first)."""
         if other_id == self.peer_id:
             raise SecureAggregationError("no pairwise seed with ourselves")
         shared = self._private.exchange(X25519PublicKey.from_public_bytes(other_public_key))
         low, high = sorted((self.peer_id, other_id))
-        info = b"|".join((b"swarmtrain pair seed", self.round_id, low.encode(), high.encode()))
+        info = b"|".join((b"swarmtrain pair seed", self.context, round_id, low.encode(), high.encode()))
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
-def verify_public_key(round_id: bytes, peer_id: str, public_key: bytes, signature: bytes) -> None:
-    """Raise :class:`SecureAggregationError` unless ``peer_id``'s identity signed ``public_key`` for this round."""
+def verify_public_key(context: bytes, peer_id: str, public_key: bytes, signature: bytes) -> None:
+    """Raise :class:`SecureAggregationError` unless ``peer_id``'s identity signed ``public_key`` for ``context``."""
     identity = ed25519_key_of_peer_id(peer_id)
     if identity is None:
         raise SecureAggregationError(f"{peer_id!r} is not an ed25519 peer ID: it cannot sign its round key")
     try:
-        ok = len(public_key) == 32 and identity.verify(_signed_payload(round_id, public_key), signature)
+        ok = isinstance(public_key, bytes) and len(public_key) == 32 and isinstance(signature, bytes) and \
+            identity.verify(_signed_payload(context, public_key), signature)
     except Exception:  # a malformed signature
         ok = False
     if not ok:
@@ -119,7 +122,9 @@ class FixedPoint:
 def _keystream(seed: bytes, part: int, offset: int, numel: int) -> torch.Tensor:
     """``numel`` uniform integers in ``[0, 2**32)`` from ChaCha20 under ``seed``, for elements ``offset..`` of
     ``part`` (the nonce names both, so no two uses of one seed share keystream)."""
-    nonce = part.to_bytes(8, "little") + offset.to_bytes(8, "little")
+    # cryptography's 16-byte ChaCha20 nonce starts with the 32-bit block counter: it starts at 0, so the
+    # keystreams of two parts (or offsets) never overlap
+    nonce = bytes(4) + part.to_bytes(4, "little") + offset.to_bytes(8, "little")
     encryptor = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
     raw = encryptor.update(bytes(4 * numel))
     return torch.frombuffer(bytearray(raw), dtype=torch.int32).to(torch.int64) % (1 << MODULUS_BITS)

@@ -12,24 +12,51 @@ target it was asked for.
 The last line is one JSON object: ``{"no_dp": {"loss"}, "dp": [{"epsilon", "delta", "loss", "noise",
 "rounds", "target_epsilon"}, ...], "plain_round_s", "secure_round_s", ...}``. ``loss`` is the mean of the
 trainers' final held-out losses; ``epsilon`` the largest any trainer reached, ``rounds`` the rounds each
-counted. ``plain_round_s``: the mean duration of the no-DP run's successful averaging steps (matchmaking
-included), as the trainers logged them; ``secure_round_s``: the same with secure aggregation, which is not
-wired into rounds yet, so it is null and ``secure_aggregation`` says so.
+counted. ``plain_round_s`` and ``secure_round_s``: the median all-reduce time (matchmaking excluded) of
+``--rounds`` rounds of ``--group`` real averaging processes (``testbed/avg_worker.py``) over a buffer the size of
+the model's dense parameters, plain (``--compression``, default none) and with secure aggregation (masked, 4
+bytes an element), run one after the other in this process; ``secure_ratio`` is their ratio. ``secure``: the
+no-DP swarm again with ``--secure-aggregation 1 --compression none``, its loss and the trainers' mean step.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.train import run_swarm, summary  # noqa: E402
+from dht import DHT  # noqa: E402
+from tests.avg_group import go, start_peers, stop  # noqa: E402
 
 ROUND = re.compile(r"Averaging step \d+: ok with \d+ peers in ([\d.]+)s")
 PRIVACY = re.compile(r"Privacy: epsilon ([\d.]+) at delta ([\d.e-]+) over (\d+) rounds \(noise ([\d.]+) x clip")
+
+
+def round_times(tmp: Path, size: int, group: int, rounds: int, compression: str, secure: bool) -> list[float]:
+    """All-reduce seconds of each successful round of ``group`` worker processes averaging ``size`` floats."""
+    spec = dict(size=size, group=group, matchmaking_time=3, rounds=rounds, pause=0.3, compression=compression,
+                secure=secure, max_abs_value=10.0)
+    bootstrap = DHT()
+    peers = start_peers(bootstrap.addrs[0], tmp, [dict(spec, seed=i) for i in range(group)])
+    try:
+        go(peers)
+        lines = [line for p in peers for line in p.results(60 + 10 * rounds)]
+    finally:
+        stop(peers)
+        bootstrap.shutdown()
+    return [line["allreduce_s"] for line in lines if line["ok"]]
+
+
+def dense_numel(model: str = "tiny") -> int:
+    """Elements of what trainers average: the model's dense (non-expert) parameters."""
+    from peer.config import ModelConfig
+    from peer.training.model import MoETransformer
+    return sum(t.numel() for t in MoETransformer(ModelConfig.preset(model)).dense_parameters())
 
 
 def main() -> int:
@@ -43,6 +70,11 @@ def main() -> int:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 2.0], help="target epsilon of each DP run")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
+    p.add_argument("--round-compression", default="none", choices=["none", "fp16", "int8", "int4"],
+                   help="compression of the timed plain rounds (default: %(default)s, as secure rounds send "
+                        "4 bytes an element)")
+    p.add_argument("--group", type=int, default=4, help="peers of the timed averaging rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=8, help="timed averaging rounds of each kind (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="(kept for symmetry with the other benches)")
     args = p.parse_args()
     common = dict(trainers=args.trainers, samples=args.samples, sync="diloco", local_steps=args.local_steps,
@@ -63,12 +95,24 @@ def main() -> int:
                          "noise": float(last[0][3]), "rounds": [int(r[2]) for r in last],
                          "stopped_on_budget": sum("privacy budget spent" in t["log"] for t in run["trainers"]),
                          "seconds": run["seconds"]})
-    rounds = [float(x) for t in plain["trainers"] for x in ROUND.findall(t["log"])]
+        secure = run_swarm(tmp, "bench-secure", **dict(common, compression="none"),
+                           extra=("--secure-aggregation", "1"))
+        size = dense_numel()
+        times = {}
+        for kind in ("plain", "secure"):
+            (tmp / kind).mkdir()
+            times[kind] = round_times(tmp / kind, size, args.group, args.rounds,
+                                      "none" if kind == "secure" else args.round_compression, kind == "secure")
+    median = {k: statistics.median(v) if v else None for k, v in times.items()}
+    steps = [float(x) for t in secure["trainers"] for x in ROUND.findall(t["log"])]
     out = {"trainers": args.trainers, "samples_per_trainer": args.samples, "local_steps": args.local_steps,
            "clip": args.clip, "no_dp": {"loss": round(summary(plain)[0], 4), "seconds": plain["seconds"]},
-           "dp": runs, "plain_round_s": round(sum(rounds) / max(1, len(rounds)), 3), "secure_round_s": None,
-           "secure_aggregation": "not wired into rounds yet (averaging/secure.py holds its arithmetic): no secure "
-                                 "round to time"}
+           "dp": runs, "round_numel": size, "round_group": args.group, "round_compression": args.round_compression,
+           "plain_round_s": median["plain"], "secure_round_s": median["secure"],
+           "rounds_ok": {k: len(v) for k, v in times.items()},
+           "secure_ratio": round(median["secure"] / median["plain"], 3) if all(median.values()) else None,
+           "secure": {"loss": round(summary(secure)[0], 4), "step_s": round(statistics.mean(steps), 3) if steps
+                      else None, "steps_ok": len(steps)}}
     print(json.dumps(out), flush=True)
     return 0
 

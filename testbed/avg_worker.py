@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply our contribution (a Byzantine peer)")
     p.add_argument("--clip-tau", type=lambda v: v if v == "auto" else float(v), default=None,
                    help="CenteredClip radius (robust rounds), or auto")
+    p.add_argument("--secure", action="store_true", help="AveragerConfig(secure_aggregation=True)")
     p.add_argument("--client-mode", action="store_true")
     p.add_argument("--error-feedback", action="store_true", help="AveragerConfig(error_feedback=True)")
     p.add_argument("--no-bulk", action="store_true", help="no bulk data plane: all data on libp2p streams")
@@ -85,7 +86,7 @@ def main() -> None:
         target_group_size=args.group, min_group_size=args.min_group, compression=args.compression,
         bandwidth=args.bandwidth, matchmaking_time=args.matchmaking_time, chunk_timeout=args.chunk_timeout,
         clip_tau=args.clip_tau, ban_seconds=args.ban_seconds, max_abs_value=args.max_abs_value,
-        error_feedback=args.error_feedback))
+        error_feedback=args.error_feedback, secure_aggregation=args.secure))
     if args.garbage:
         averager.round_config = dataclasses.replace(averager.round_config, compression=NaNSender(averager.compression))
     print(json.dumps({"peer_id": dht.peer_id, "addrs": dht.addrs, "reachability": dht.node.reachability}), flush=True)

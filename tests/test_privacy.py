@@ -87,6 +87,9 @@ def test_noise_does_not_come_from_the_seed_every_trainer_shares():
     (["--dp-noise", "1"], "needs --dp-clip"),
     (["--dp-clip", "1", "--dp-noise", "1", "--dp-rounds", "0"], "--dp-rounds 0"),
     (["--clip-tau", "-2"], "--clip-tau '-2': use a positive radius, or auto"),
+    (["--secure-aggregation", "0"], "--secure-aggregation 0.0: use a positive bound"),
+    (["--secure-aggregation", "1", "--compression", "int8"], "--clip-tau and --compression need to see: drop them"),
+    (["--secure-aggregation", "1", "--clip-tau", "auto"], "--clip-tau and --compression need to see: drop them"),
 ])
 def test_bad_privacy_flags_are_one_line_errors(capsys, argv, message):
     from peer.app.cli import EXIT_USAGE, main
@@ -204,7 +207,8 @@ def test_a_restarted_trainer_keeps_its_epsilon_and_local_mode_never_averages_aga
 def test_dp_trainers_of_a_real_swarm_stop_when_their_budget_is_spent(tmp_path):
     """`python -m peer` processes: two DiLoCo trainers with --dp-epsilon solved for 3 rounds average with each
     other, stop (exit 0) once a fourth round would pass the budget, and publish in the DHT the epsilon their
-    accountant reached: the library's for exactly the rounds they took part in."""
+    accountant reached: the library's for exactly the rounds they took part in. They average with secure
+    aggregation (--secure-aggregation): each round's part owner saw only the other's masked contribution."""
     from dht import DHT, subkey_entries
     from p2p import NodeConfig
     from peer.config import progress_key, training_prefix
@@ -217,7 +221,8 @@ def test_dp_trainers_of_a_real_swarm_stop_when_their_budget_is_spent(tmp_path):
     try:
         join = start_swarm(tmp_path, "dp", peers)
         trainers = [Peer(f"trainer{i}", tmp_path, *join, "--train", "--local-steps", "4", "--shard", f"{i}/2",
-                         "--dp-clip", "1.0", "--dp-epsilon", str(epsilon), "--dp-rounds", str(rounds))
+                         "--dp-clip", "1.0", "--dp-epsilon", str(epsilon), "--dp-rounds", str(rounds),
+                         "--secure-aggregation", "1")
                     for i in range(2)]
         peers += trainers
         for t in trainers:

@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "them by at most TAU times its weight share; 'auto' measures TAU in every round, per "
                               "part: twice the median distance of the contributions to their median (the honest "
                               "spread while honest peers hold most of the weight). Off by default (exact mean)")
+    privacy.add_argument("--secure-aggregation", type=float, default=None, metavar="BOUND",
+                         help="secure aggregation: the peers that reduce parts of a round see only masked "
+                              "contributions and learn only their sum. Each element of a contribution is clipped "
+                              "to +-BOUND (pick it above your pseudo-gradients' largest element, e.g. 1). Costs "
+                              "4 bytes an element (no --compression) and rules out --clip-tau; peers with and "
+                              "without it do not average together")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML or JSON file of flag values (keys as flag names without dashes, e.g. "
                         "initial_peers); flags given on the command line win")
@@ -215,6 +221,13 @@ def check_privacy_args(args: argparse.Namespace) -> None:
         if not (tau > 0 and tau != float("inf")):
             raise ValueError(f"--clip-tau {args.clip_tau!r}: use a positive radius, or auto")
         args.clip_tau = tau
+    bound = args.secure_aggregation
+    if bound is not None:
+        if not (bound > 0 and bound != float("inf")):
+            raise ValueError(f"--secure-aggregation {bound}: use a positive bound")
+        if args.clip_tau is not None or args.compression != "none":
+            raise ValueError("--secure-aggregation hides single contributions, which --clip-tau and --compression "
+                             "need to see: drop them")
 
 
 def read_swarm_key(path: str) -> str:

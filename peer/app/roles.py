@@ -89,8 +89,8 @@ def run_roles(dht, args: argparse.Namespace) -> int:
                                                local_steps=args.local_steps, max_samples=args.max_samples,
                                                compression=args.compression, bandwidth=args.bandwidth,
                                                data=args.data, shard=args.shard, num_shards=args.num_shards,
-                                               checkpoint_dir=args.checkpoint_dir, dp=getattr(args, "dp", None),
-                                               clip_tau=getattr(args, "clip_tau", None),
+                                               checkpoint_dir=args.checkpoint_dir, dp=args.dp,
+                                               clip_tau=args.clip_tau, secure_bound=args.secure_aggregation,
                                                state_confirmations=args.state_confirmations), model_config=model_config)
             from .status import StatusLine
             with StatusLine(trainer, metrics) as status:

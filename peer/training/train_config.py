@@ -22,6 +22,8 @@ class TrainConfig:
         its hash for its step (0: trust any donor whose bytes match its own announcement).
     :param clip_tau: CenteredClip radius for the averaging parts we own (Byzantine-robust rounds, see
         :class:`~averaging.AveragerConfig`); None: the exact weighted mean.
+    :param secure_bound: secure aggregation (part owners see only masked contributions, see
+        :mod:`averaging.masked_round`), each element of a contribution clipped to +-this; None: off.
     """
 
     model: str = "tiny"
@@ -54,6 +56,7 @@ class TrainConfig:
     state_confirmations: int = STATE_CONFIRMATIONS
     dp: DPConfig | None = None
     clip_tau: float | None = None
+    secure_bound: float | None = None
 
     def __post_init__(self) -> None:
         if self.sync not in SYNC_MODES:

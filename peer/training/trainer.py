@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from averaging import Averager, AveragerConfig
-from averaging.state import StateDownloadError, StateSharer, download_state
+from averaging.state import StateDownloadError, StateSharer, StateUnconfirmed, download_state
 from averaging.state_format import tensors_digest
 from dht import DHT, get_dht_time, subkey_entries
 from p2p import P2PError
@@ -68,7 +68,8 @@ class Trainer:
         self.averager = Averager(self.sync.tensors, dht, self.prefix, AveragerConfig(
             target_group_size=config.group_size, compression=config.compression,
             matchmaking_time=config.matchmaking_time, bandwidth=config.bandwidth, clip_tau=config.clip_tau,
-            error_feedback=self.sync.error_feedback))
+            error_feedback=self.sync.error_feedback and config.secure_bound is None,
+            max_abs_value=config.secure_bound, secure_aggregation=config.secure_bound is not None))
         self.privacy = Privatizer(config.dp) if config.dp else None  # clips and noises what we contribute
         self.step = self.samples = self.samples_since_sync = 0
         self.rounds_ok = self.rounds_failed = 0
@@ -179,7 +180,7 @@ class Trainer:
                                    newer_than=self.sync_rounds, confirmations=self.config.state_confirmations,
                                    confirm_keys=[progress_key(self.prefix)], bans=self.averager.bans)
         except StateDownloadError as e:
-            hint = " (in a swarm of few trainers, lower --state-confirmations)" if "is confirmed" in str(e) else ""
+            hint = " (in a swarm of few trainers, lower --state-confirmations)" if isinstance(e, StateUnconfirmed) else ""
             logger.warning("Could not download the swarm's state, training from our own: %s%s", e, hint)
             return False
         if found is None:
