@@ -43,7 +43,7 @@ from p2p.streams import PayloadSender, receive_payload
 from .bans import BanList
 from .checks import all_finite, max_abs
 from .feedback import RoundFeedback
-from .group import KEEPALIVE, Member, RoundConfig
+from .group import Member, RoundConfig, keep_alive_until
 from .masked_round import MaskedParts, SecureRound
 from .membership import agreed, parse_result_header, result_header, settle
 from .repair import RepairPhase
@@ -331,12 +331,7 @@ class AllReduceRound(RepairPhase, MaskedParts):
             raise
         if self.secure:
             await self._serve_correction(stream, sender_id, part)
-        ready = self._event(self.result_ready, part)
-        while not ready.is_set():
-            with trio.move_on_after(self.config.keepalive_interval):
-                await ready.wait()
-            if not ready.is_set():
-                await stream.send_msg(KEEPALIVE)
+        await keep_alive_until(stream, self._event(self.result_ready, part), self.config.keepalive_interval)
         if part not in self.memberships:
             raise ValueError(f"part {part} of round {self.round_id[-8:]} has no contribution left to average")
         await stream.send_msg(result_header(self.memberships[part]))

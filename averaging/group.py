@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
 from .compression import Compression
 
 #: what an owner still reducing sends its senders now and then, so that they know it is alive
 KEEPALIVE = "wait"
+
+
+async def keep_alive_until(stream, event: trio.Event, interval: float) -> None:
+    """Send :data:`KEEPALIVE` on ``stream`` every ``interval`` seconds until ``event`` is set."""
+    while not event.is_set():
+        with trio.move_on_after(interval):
+            await event.wait()
+        if not event.is_set():
+            await stream.send_msg(KEEPALIVE)
 
 
 @dataclass(frozen=True)

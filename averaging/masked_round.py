@@ -34,13 +34,14 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 import trio
 
 from p2p.streams import PayloadSender, receive_payload
 
 from .checks import max_abs
-from .group import KEEPALIVE
+from .group import KEEPALIVE, keep_alive_until
 from .reduce import BadContribution, IncompleteReduction, PartReducer, ReduceError
 from .secure import MODULUS_BITS, FixedPoint, RoundKeys, SecureAggregationError, dropout_correction, mask, \
     verify_public_key
@@ -51,16 +52,15 @@ MODULUS = 1 << MODULUS_BITS
 
 
 def to_wire(values: torch.Tensor) -> bytes:
-    """Integers in ``[0, 2**32)`` as 4 bytes each (little-endian two's complement)."""
-    signed = torch.where(values >= MODULUS // 2, values - MODULUS, values)
-    return signed.to(torch.int32).numpy().tobytes()
+    """Integers in ``[0, 2**32)`` as 4 bytes each (little-endian unsigned)."""
+    return values.numpy().astype("<u4").tobytes()
 
 
 def from_wire(blob, numel: int) -> torch.Tensor:
     """:func:`to_wire` back, as float64 (exact for integers below 2**53)."""
     if len(blob) != 4 * numel:
         raise ValueError(f"a masked chunk of {numel} elements has {4 * numel} bytes, not {len(blob)}")
-    return (torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64) % MODULUS).to(torch.float64)
+    return torch.from_numpy(np.frombuffer(blob, dtype="<u4").astype(np.float64))
 
 
 class SecureRound:
@@ -181,19 +181,21 @@ class MaskedParts:
         if self.secure is None:
             return True
         outside = sorted(set(self.peer_ids) - set(members))
-        if outside:
-            self.correction_asks[part] = outside
-            start, _ = self.parts[part]
-            reducer.add_correction(self.me, 0, torch.cat([self.secure.correction(part, a - start, b - a, outside)
-                                                          for a, b in self._chunks(part)]).to(torch.float64))
+        if not outside:   # the whole group: the masks cancel
+            self._event(self.asked, part).set()
+            return True
+        self.correction_asks[part] = outside
+        start, _ = self.parts[part]
+        reducer.add_correction(self.me, 0, torch.cat([self.secure.correction(part, a - start, b - a, outside)
+                                                      for a, b in self._chunks(part)]).to(torch.float64))
         self._event(self.asked, part).set()
-        others = set(members) - {self.me}
+        awaited = set(members) - {self.me}
         with trio.move_on_after(self._transfer_budget()):
-            while outside and not others <= set(reducer.corrections):
+            while awaited - set(reducer.corrections):
                 await self._wait_progress(part)
-        if outside and not others <= set(reducer.corrections):
+        if awaited - set(reducer.corrections):
             logger.info("Round %s: part %d cannot be unmasked: no correction from %s", self.round_id[-8:], part,
-                        [p[-8:] for p in others - set(reducer.corrections)])
+                        [p[-8:] for p in awaited - set(reducer.corrections)])
             return False
         return True
 
@@ -209,25 +211,20 @@ class MaskedParts:
     async def _serve_correction(self, stream, sender_id: str, part: int) -> None:
         """The owner's side of step 3 for one sender: keepalives until the membership settled, then its correction
         if one is needed from it."""
-        asked = self._event(self.asked, part)
-        while not asked.is_set():
-            with trio.move_on_after(self.config.keepalive_interval):
-                await asked.wait()
-            if not asked.is_set():
-                await stream.send_msg(KEEPALIVE)
+        await keep_alive_until(stream, self._event(self.asked, part), self.config.keepalive_interval)
         outside = self.correction_asks.get(part)
         if not outside or part not in self.reducers or sender_id not in self.reducers[part].active_senders:
             return
         await stream.send_msg({"correct": outside})
         start, _ = self.parts[part]
-        chunks = iter(self._chunks(part))
+        chunks = list(self._chunks(part))
         async with receive_payload(stream, window_bytes=self.config.window_bytes,
                                    timeout=self.chunk_timeout) as incoming:
-            async for blob in incoming:
-                a, b = next(chunks, (None, None))
-                if a is None:
-                    raise ReduceError("sender sent more correction chunks than the part has")
-                self.reducers[part].add_correction(sender_id, a - start, from_wire(blob, b - a))
+            blobs = [blob async for blob in incoming]
+        if len(blobs) != len(chunks):
+            raise ReduceError(f"{sender_id[-8:]} sent {len(blobs)} correction chunks for {len(chunks)}")
+        correction = torch.cat([from_wire(blob, b - a) for blob, (a, b) in zip(blobs, chunks)])
+        self.reducers[part].add_correction(sender_id, 0, correction)
         self._poke(part)
 
     async def _result_header(self, stream, part: int):

@@ -14,9 +14,11 @@ The last line is one JSON object: ``{"no_dp": {"loss"}, "dp": [{"epsilon", "delt
 trainers' final held-out losses; ``epsilon`` the largest any trainer reached, ``rounds`` the rounds each
 counted. ``plain_round_s`` and ``secure_round_s``: the median all-reduce time (matchmaking excluded) of
 ``--rounds`` rounds of ``--group`` real averaging processes (``testbed/avg_worker.py``) over a buffer the size of
-the model's dense parameters, plain (``--compression``, default none) and with secure aggregation (masked, 4
-bytes an element), run one after the other in this process; ``secure_ratio`` is their ratio. ``secure``: the
-no-DP swarm again with ``--secure-aggregation 1 --compression none``, its loss and the trainers' mean step.
+the model's dense parameters, plain (``--round-compression``, default none) and with secure aggregation
+(masked, 4 bytes an element), run one after the other in this process; ``secure_ratio`` is their ratio, and
+``secure_ratio_by_numel`` the same for ``--round-numel`` buffers too (default: 2M elements, where masking
+costs more than the network on loopback). ``secure``: the no-DP swarm again with ``--secure-aggregation 1
+--compression none``, its loss and the trainers' mean step.
 """
 from __future__ import annotations
 
@@ -74,6 +76,8 @@ def main() -> int:
                    help="compression of the timed plain rounds (default: %(default)s, as secure rounds send "
                         "4 bytes an element)")
     p.add_argument("--group", type=int, default=4, help="peers of the timed averaging rounds (default: %(default)s)")
+    p.add_argument("--round-numel", type=int, nargs="*", default=[2_000_000],
+                   help="more buffer sizes to time plain against secure rounds on (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=8, help="timed averaging rounds of each kind (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="(kept for symmetry with the other benches)")
     args = p.parse_args()
@@ -98,19 +102,24 @@ def main() -> int:
         secure = run_swarm(tmp, "bench-secure", **dict(common, compression="none"),
                            extra=("--secure-aggregation", "1"))
         size = dense_numel()
-        times = {}
-        for kind in ("plain", "secure"):
-            (tmp / kind).mkdir()
-            times[kind] = round_times(tmp / kind, size, args.group, args.rounds,
-                                      "none" if kind == "secure" else args.round_compression, kind == "secure")
-    median = {k: statistics.median(v) if v else None for k, v in times.items()}
+        medians, times = {}, {}
+        for numel in [size, *args.round_numel]:
+            for kind in ("plain", "secure"):
+                (tmp / f"{kind}{numel}").mkdir()
+                times[numel, kind] = round_times(tmp / f"{kind}{numel}", numel, args.group, args.rounds,
+                                                 "none" if kind == "secure" else args.round_compression,
+                                                 kind == "secure")
+                medians[numel, kind] = statistics.median(times[numel, kind]) if times[numel, kind] else None
+    median = {kind: medians[size, kind] for kind in ("plain", "secure")}
+    ratios = {str(numel): round(medians[numel, "secure"] / medians[numel, "plain"], 3)
+              if medians[numel, "secure"] and medians[numel, "plain"] else None for numel in [size, *args.round_numel]}
     steps = [float(x) for t in secure["trainers"] for x in ROUND.findall(t["log"])]
     out = {"trainers": args.trainers, "samples_per_trainer": args.samples, "local_steps": args.local_steps,
            "clip": args.clip, "no_dp": {"loss": round(summary(plain)[0], 4), "seconds": plain["seconds"]},
            "dp": runs, "round_numel": size, "round_group": args.group, "round_compression": args.round_compression,
            "plain_round_s": median["plain"], "secure_round_s": median["secure"],
-           "rounds_ok": {k: len(v) for k, v in times.items()},
-           "secure_ratio": round(median["secure"] / median["plain"], 3) if all(median.values()) else None,
+           "rounds_ok": {f"{kind}{numel}": len(v) for (numel, kind), v in times.items()},
+           "secure_ratio": ratios[str(size)], "secure_ratio_by_numel": ratios,
            "secure": {"loss": round(summary(secure)[0], 4), "step_s": round(statistics.mean(steps), 3) if steps
                       else None, "steps_ok": len(steps)}}
     print(json.dumps(out), flush=True)
