@@ -127,6 +127,8 @@ class Matchmaker:
         self.rtt = INITIAL_RTT  # refined from measured join round trips
         self.group_size = target_group_size
         self.mismatched: set[str] = set()  # peers seen in the last gathering whose tensors differ from ours
+        self.offer: dict | None = None     # our secure aggregation offer in the current attempt (None: plain)
+        self.offers: dict[str, Any] = {}   # every member's, once the group formed
 
     @property
     def deadlines(self) -> "Deadlines":
